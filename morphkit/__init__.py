@@ -1,0 +1,24 @@
+"""morphkit: edit and morph single images with Stable Diffusion 1.5 and LoRA."""
+
+__version__ = "0.1.0"
+
+from .errors import ConfigError, InputError, LoRAError, ModelNotFoundError, MorphkitError, OutputExistsError  # noqa: E402
+from .images import load_image  # noqa: E402
+from .models import load_controlnet, load_pipeline  # noqa: E402
+from .train import TrainResult, TrainSettings, train_lora  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "ConfigError",
+    "InputError",
+    "LoRAError",
+    "ModelNotFoundError",
+    "MorphkitError",
+    "OutputExistsError",
+    "TrainResult",
+    "TrainSettings",
+    "load_controlnet",
+    "load_image",
+    "load_pipeline",
+    "train_lora",
+]

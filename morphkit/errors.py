@@ -1,0 +1,42 @@
+"""The errors morphkit raises on purpose.
+
+Every one of them carries a message written for the person at the keyboard: what was wrong and
+what to do about it. The CLI prints that message (no traceback) and exits with `exit_code`.
+Anything else that escapes is a bug in morphkit.
+"""
+
+
+class MorphkitError(Exception):
+    """Base class: a problem the user can fix, explained in one paragraph."""
+
+    exit_code = 1
+
+
+class InputError(MorphkitError):
+    """An input file (image, dataset, LoRA) is missing, unreadable or malformed."""
+
+    exit_code = 2
+
+
+class ConfigError(MorphkitError):
+    """A setting is out of range or contradicts another."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(MorphkitError):
+    """The base model (or ControlNet) could not be found or loaded."""
+
+    exit_code = 3
+
+
+class OutputExistsError(MorphkitError):
+    """An output already exists and `overwrite` was not given."""
+
+    exit_code = 4
+
+
+class LoRAError(MorphkitError):
+    """A LoRA file does not fit the model or is not a LoRA at all."""
+
+    exit_code = 2

@@ -1,0 +1,229 @@
+"""Where weights come from, and on which device and in which precision they run.
+
+`load_pipeline(model)` accepts:
+
+- a hub id (default `stable-diffusion-v1-5/stable-diffusion-v1-5`), taken from the local Hugging
+  Face cache when it is there, downloaded otherwise (unless `HF_HUB_OFFLINE=1`);
+- a local diffusers folder (one with `model_index.json`);
+- a single-file checkpoint `.safetensors` as A1111 and civitai users have, loaded offline with the
+  SD 1.5 component configs shipped in `morphkit/configs/sd15`;
+- `tiny`: the small SD-architecture model of `morphkit.tiny`, built in code and loaded from its
+  cache folder by the same code as any local folder.
+
+Pickled checkpoints (`.ckpt`, `.pt`, `.bin`, `.pth`) can run code when loaded; they are refused unless
+`allow_pickle=True`, and then loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, ModelNotFoundError
+from .tiny import TINY_NAME, tiny_controlnet_path, tiny_model_path
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_CONTROLNET = "lllyasviel/sd-controlnet-canny"
+SD15_CONFIG = Path(__file__).parent / "configs" / "sd15"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`None`/"auto": CUDA if present, else Apple MPS, else CPU. Otherwise the named device."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"Unknown device {device!r}. Use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA GPU here (is a CUDA build of torch installed?).")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for, but Apple MPS is not available on this machine.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto": fp16 on CUDA, fp32 on MPS and CPU. Otherwise fp32, fp16 or bf16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"Unknown dtype {dtype!r}. Use auto, fp32, fp16 or bf16.")
+    if device.type == "cpu" and dtype != "fp32":
+        raise ConfigError(f"--dtype {dtype} is not supported on the CPU here; use fp32 (the default on CPU).")
+    return DTYPES[dtype]
+
+
+def _is_hub_id(name: str) -> bool:
+    """`owner/name` with no path syntax: what the Hugging Face hub calls a repo id."""
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "~"))
+        and Path(name).suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def check_pickle_allowed(path: Path, allow_pickle: bool, what: str = "checkpoint"):
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelNotFoundError(
+            f"{path} is a pickled {what} ({path.suffix}); loading a pickle can run arbitrary code, so morphkit "
+            "refuses it by default. Prefer a .safetensors file. If you trust its source, pass --allow-pickle: it "
+            "is then loaded with torch.load(weights_only=True), which refuses anything but tensors."
+        )
+
+
+def load_pipeline(
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+):
+    """Load a Stable Diffusion 1.x pipeline with a DDIM scheduler, ready on `device`.
+
+    The checkpoint's own scheduler (PNDM for SD 1.5) is replaced by DDIM with the same betas, so
+    that sampling and DDIM inversion walk the same timesteps. The safety checker is not loaded.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    _quiet_loading()
+    common = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype)
+    model = str(model)
+
+    if model == TINY_NAME:
+        pipe = _from_folder(StableDiffusionPipeline, tiny_model_path(), common)
+    elif Path(model).expanduser().is_dir():
+        pipe = _from_folder(StableDiffusionPipeline, Path(model).expanduser(), common)
+    elif Path(model).expanduser().is_file():
+        pipe = _from_single_file(StableDiffusionPipeline, Path(model).expanduser(), common, allow_pickle)
+    elif not _is_hub_id(model):
+        raise ModelNotFoundError(
+            f"The model {model} does not exist. --model takes a hub id (like {DEFAULT_MODEL}), a local diffusers "
+            "folder, a single-file .safetensors checkpoint, or 'tiny' for the built-in test model."
+        )
+    else:
+        pipe = _from_hub(StableDiffusionPipeline, model, common)
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe
+
+
+def _quiet_loading():
+    """Loading bars and notices from diffusers/transformers are noise next to morphkit's own progress."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _from_folder(cls, folder: Path, kwargs: dict):
+    if not (folder / "model_index.json").exists():
+        raise ModelNotFoundError(
+            f"{folder} is a folder but not a diffusers model: it has no model_index.json. Point --model at the "
+            "folder that holds model_index.json, unet/, vae/, text_encoder/ and tokenizer/, or at a single-file "
+            ".safetensors checkpoint."
+        )
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise ModelNotFoundError(f"The diffusers folder {folder} could not be loaded: {_one_line(e)}") from None
+
+
+def _from_single_file(cls, path: Path, kwargs: dict, allow_pickle: bool):
+    check_pickle_allowed(path, allow_pickle)
+    if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
+        raise ModelNotFoundError(
+            f"{path} is not a model morphkit can load: a single-file checkpoint must be a .safetensors file."
+        )
+    try:
+        # `config` must be a str: the component loaders reject a Path. Passing a config folder makes
+        # diffusers read every component config from it and ask no hub.
+        pipe = cls.from_single_file(str(path), config=str(SD15_CONFIG), local_files_only=True, **kwargs)
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"The single-file checkpoint {path} could not be loaded as Stable Diffusion 1.x: {_one_line(e)}. "
+            "morphkit reads A1111/civitai-style SD 1.x checkpoints; SDXL, SD 2.x and other architectures are "
+            "not supported."
+        ) from None
+    # The text encoder is loaded non-strictly: weights missing from the file would stay on the meta device.
+    for part in ("unet", "vae", "text_encoder"):
+        if any(p.is_meta for p in getattr(pipe, part).parameters()):
+            raise ModelNotFoundError(f"The checkpoint {path} has no weights for the {part}; it is not a complete SD 1.x model.")
+    return pipe
+
+
+def _from_hub(cls, repo_id: str, kwargs: dict, **extra):
+    tried = []
+    try:
+        return cls.from_pretrained(repo_id, local_files_only=True, **kwargs, **extra)
+    except Exception as e:
+        tried.append(f"the local Hugging Face cache ({_one_line(e)})")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        tried.append("no download, because HF_HUB_OFFLINE is set")
+    else:
+        try:
+            return cls.from_pretrained(repo_id, **kwargs, **extra)
+        except Exception as e:
+            tried.append(f"a download from the Hugging Face hub ({_one_line(e)})")
+    raise ModelNotFoundError(
+        f"The model {repo_id!r} could not be found. Tried: {'; '.join(tried)}. If you are offline, download it "
+        f"once where you have a network (`hf download {repo_id}`), pass a local diffusers folder or a single-file "
+        ".safetensors checkpoint with --model, or use --model tiny to try morphkit with its built-in test model."
+    )
+
+
+def load_controlnet(
+    controlnet: str = DEFAULT_CONTROLNET,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+):
+    """Load a ControlNet from a hub id, a local folder, a single file, or `tiny`."""
+    from diffusers import ControlNetModel
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    _quiet_loading()
+    kwargs = dict(dtype=resolve_dtype(dtype, device))
+    path = Path(str(controlnet)).expanduser()
+    if controlnet == TINY_NAME:
+        net = ControlNetModel.from_pretrained(tiny_controlnet_path(), local_files_only=True, **kwargs)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} is a folder but not a ControlNet: it has no config.json.")
+        try:
+            net = ControlNetModel.from_pretrained(path, local_files_only=True, **kwargs)
+        except Exception as e:
+            raise ModelNotFoundError(f"The ControlNet folder {path} could not be loaded: {_one_line(e)}") from None
+    elif path.is_file():
+        check_pickle_allowed(path, allow_pickle, "ControlNet")
+        try:
+            net = ControlNetModel.from_single_file(str(path), local_files_only=True, **kwargs)
+        except Exception as e:
+            raise ModelNotFoundError(f"The ControlNet file {path} could not be loaded: {_one_line(e)}") from None
+    elif not _is_hub_id(str(controlnet)):
+        raise ModelNotFoundError(f"The ControlNet {controlnet} does not exist.")
+    else:
+        net = _from_hub(ControlNetModel, str(controlnet), kwargs)
+    return net.to(device)

@@ -1,0 +1,142 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import morphkit
+from morphkit import train as train_module
+from morphkit.data import load_examples
+from morphkit.train import TrainSettings, diffusion_loss, encode_examples, fit_lora, lr_at, rng
+from tests.conftest import REPO, unet_probe
+
+STYLE = REPO / "dataset" / "style"
+
+
+def fixed_loss(pipe, encoded, settings):
+    """The training loss on a fixed batch of 16 noise draws: comparable before and after training."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    z = encoded[0].latents[0][None].repeat(16, 1, 1, 1)
+    e = encoded[0].embeddings[0][None].repeat(16, 1, 1)
+    with torch.no_grad():
+        return diffusion_loss(pipe.unet, scheduler, z, e, rng(1234, "eval", 0), settings,
+                              torch.autocast("cpu", enabled=False)).item()
+
+
+def test_loss_falls_and_lora_changes_the_unet(tiny_pipe, photo):
+    settings = TrainSettings(data=str(photo), prompt="a photo", steps=50, learning_rate=5e-3, resolution=64, crop="none")
+    encoded = encode_examples(tiny_pipe, load_examples(photo, "a photo"), 64, "none", False)
+    before_out = unet_probe(tiny_pipe.unet)
+    before = fixed_loss(tiny_pipe, encoded, settings)
+    result = fit_lora(tiny_pipe, encoded, settings, progress=False)
+    after = fixed_loss(tiny_pipe, encoded, settings)
+    assert len(result.losses) == 50
+    assert after < 0.95 * before, (before, after)
+    assert (unet_probe(tiny_pipe.unet) - before_out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("alpha", [None, 4.0])
+def test_saved_lora_loads_in_stock_diffusers_and_reproduces_the_model(tiny_pipe, tiny_path, photo, tmp_path, alpha):
+    from diffusers import StableDiffusionPipeline
+
+    result = morphkit.train_lora(photo, "a photo", model="tiny", steps=30, learning_rate=5e-3, rank=8, alpha=alpha,
+                                 output_dir=tmp_path / "out", pipe=tiny_pipe, progress=False)
+    trained = unet_probe(tiny_pipe.unet)
+
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_path, safety_checker=None, requires_safety_checker=False)
+    base = unet_probe(fresh.unet)
+    fresh.load_lora_weights(str(result.lora_path))
+    reloaded = unet_probe(fresh.unet)
+    assert (reloaded - trained).abs().max() < 1e-5
+    assert (reloaded - base).abs().max() > 1e-3  # the LoRA does something, so the match means something
+
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["morphkit.rank"] == "8" and float(meta["morphkit.alpha"]) == (alpha or 8)
+    for key in ["base_model", "targets", "steps", "resolution", "seed", "data_hash", "version"]:
+        assert f"morphkit.{key}" in meta
+    assert meta["morphkit.base_model"] == "tiny" and meta["morphkit.steps"] == "30"
+
+
+def test_interrupted_run_resumes_to_the_same_lora(photo, tmp_path, monkeypatch):
+    common = dict(model="tiny", steps=20, learning_rate=1e-3, checkpointing_steps=8, progress=False)
+    whole = morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "whole", **common)
+
+    calls = {"n": 0}
+    real_loss = train_module.diffusion_loss
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 13:  # during step 13, after the checkpoint at step 8
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "cut", **common)
+    monkeypatch.setattr(train_module, "diffusion_loss", real_loss)
+    assert not (tmp_path / "cut" / "photo.safetensors").exists()  # no half-finished LoRA
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000008"]
+
+    with pytest.raises(morphkit.OutputExistsError, match="--resume"):
+        morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "cut", **common)
+    resumed = morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "cut", resume=True, **common)
+    assert resumed.resumed_from == 8 and resumed.steps == 20
+    a, b = load_file(str(whole.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+    assert len(list((tmp_path / "cut" / "checkpoints").iterdir())) == 2  # checkpoints_total_limit
+
+
+def test_resume_refuses_changed_settings(photo, tmp_path):
+    common = dict(model="tiny", steps=4, checkpointing_steps=2, progress=False, output_dir=tmp_path)
+    morphkit.train_lora(photo, "a photo", **common)
+    with pytest.raises(morphkit.ConfigError, match="other settings"):
+        morphkit.train_lora(photo, "a photo", resume=True, overwrite=True, learning_rate=1e-3, **common)
+
+
+def test_folder_and_config_files_train_the_same_lora(tmp_path):
+    settings = dict(model="tiny", epochs=2, batch_size=2, rank=4, seed=3, random_flip=True, crop="random")
+    from_folder = morphkit.train_lora(STYLE, output_dir=tmp_path / "a", progress=False, **settings)
+    assert from_folder.steps == 6  # 6 images, batch 2, 2 epochs
+
+    toml = tmp_path / "style.toml"
+    toml.write_text(f'data = "{STYLE}"\nmodel = "tiny"\nepochs = 2\nbatch-size = 2\nrank = 4\nseed = 3\n'
+                    'random_flip = true\ncrop = "random"\n')
+    from_toml = morphkit.train_lora(config=toml, output_dir=tmp_path / "b", progress=False)
+    cfg = tmp_path / "style.json"
+    cfg.write_text(json.dumps({"data": str(STYLE), **settings}))
+    from_json = morphkit.train_lora(config=cfg, output_dir=tmp_path / "c", progress=False)
+    a, b, c = (load_file(str(r.lora_path)) for r in (from_folder, from_toml, from_json))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_flags_override_the_config_file(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"rank": 4, "learning_rate": 1e-3}))
+    s = TrainSettings.resolve(cfg, data="x", rank=2)
+    assert s.rank == 2 and s.learning_rate == 1e-3
+    cfg.write_text(json.dumps({"rnak": 4}))
+    with pytest.raises(morphkit.ConfigError, match="unknown settings: rnak"):
+        TrainSettings.resolve(cfg, data="x")
+
+
+def test_learning_rate_schedules():
+    assert lr_at(0, 1.0, "constant", 0, 100) == 1.0
+    assert lr_at(0, 1.0, "constant", 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, "cosine", 10, 100) == pytest.approx(1.0)
+    assert lr_at(55, 1.0, "cosine", 10, 100) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, "cosine", 10, 100) == pytest.approx(0.0)
+    assert lr_at(50, 1.0, "linear", 0, 100) == pytest.approx(0.5)
+
+
+def test_gradient_accumulation_noise_offset_and_min_snr_run(photo, tmp_path):
+    result = morphkit.train_lora(photo, "a photo", model="tiny", steps=3, gradient_accumulation_steps=2, noise_offset=0.1,
+                                 snr_gamma=5.0, lr_scheduler="cosine", lr_warmup_steps=1, gradient_checkpointing=True,
+                                 output_dir=tmp_path, progress=False)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
