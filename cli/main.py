@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -140,6 +140,91 @@ def train(
     typer.echo(f"Trained {result.steps} steps{resumed}{last} in {time.perf_counter() - start:.1f} s.")
     typer.echo(f"LoRA: {result.lora_path}")
     typer.echo(f"Log:  {result.output_dir / 'train_log.jsonl'}")
+
+
+@app.command()
+def invert(
+    image: Path = typer.Argument(..., help="The image to invert."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="The prompt it is inverted under (use the LoRA's training prompt). [default: empty]"),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="A LoRA (.safetensors, diffusers format) to invert under, e.g. one fitted to this image."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [default: stable-diffusion-v1-5/stable-diffusion-v1-5]"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps. More steps, smaller round-trip error."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Shorter image side in pixels, a multiple of 8. [default: the model's]"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where to write NAME.noise.safetensors and NAME.reconstruction.png. [default: outputs/invert/NAME]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, fp32, fp16 or bf16. [default: fp16 on CUDA, else fp32]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Deterministic DDIM inversion of an image back to its starting noise.
+
+    Saves the noise (safetensors, key 'noise', with the image latent as 'latent') and the image
+    regenerated from it, and prints the round-trip error.
+    """
+    import morphkit
+
+    result = call(morphkit.invert, image, prompt, lora=lora, model=model, steps=steps, resolution=resolution,
+                  output_dir=output_dir, overwrite=overwrite, device=device, dtype=dtype, progress=not quiet)
+    typer.echo(f"Round trip: latent error {result.latent_error:.2%}, PSNR {result.psnr:.1f} dB "
+               f"(against the VAE's own reconstruction), {steps} steps.")
+    for kind, path in result.paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+@app.command()
+def morph(
+    image_a: Path = typer.Argument(..., help="The first image (sets the frame size)."),
+    image_b: Path = typer.Argument(..., help="The second image (scaled to cover A's frame, aspect kept, center-cropped)."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Prompt for both images. [default: empty]"),
+    prompt_a: Optional[str] = typer.Option(None, "--prompt-a", help="Prompt for image A (overrides --prompt)."),
+    prompt_b: Optional[str] = typer.Option(None, "--prompt-b", help="Prompt for image B (overrides --prompt)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [default: stable-diffusion-v1-5/stable-diffusion-v1-5]"),
+    frames: int = typer.Option(16, "--frames", "-n", help="Frames from A to B, both ends included (at least 2)."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps for inversion and rendering."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance. 1 (DiffMorpher's default) keeps the ends faithful."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (only used when --guidance is not 1)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the LoRA fitting (the rest is deterministic)."),
+    lora_a: Optional[Path] = typer.Option(None, "--lora-a", help="Use this LoRA for image A instead of fitting one."),
+    lora_b: Optional[Path] = typer.Option(None, "--lora-b", help="Use this LoRA for image B instead of fitting one."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="Rank of the fitted LoRAs."),
+    lora_steps: int = typer.Option(200, "--lora-steps", help="Training steps of each fitted LoRA."),
+    lora_lr: float = typer.Option(2e-4, "--lora-lr", help="Learning rate of the fitted LoRAs."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Shorter side of the frames in pixels, a multiple of 8. [default: the model's]"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Frames rendered per UNet call."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Folder for morph.gif, morph.mp4 and frames/. [default: outputs/morph/A-B]"),
+    formats: str = typer.Option("gif,mp4,png", "--formats", help="Comma-separated: gif, mp4, png (frame folder)."),
+    fps: float = typer.Option(10.0, "--fps", help="Frames per second of the GIF and MP4."),
+    frame_duration: Optional[int] = typer.Option(None, "--frame-duration", help="Milliseconds per frame (instead of --fps)."),
+    loop: int = typer.Option(0, "--loop", help="GIF loop count; 0 loops forever."),
+    back_and_forth: bool = typer.Option(False, "--back-and-forth", help="Play A to B and back in the GIF and MP4."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse fitted LoRAs and inversions from earlier runs (keyed by image content and settings)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the cache lives. [default: $MORPHKIT_CACHE/morph or ~/.cache/morphkit/morph]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a morph already in the output folder."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, fp32, fp16 or bf16. [default: fp16 on CUDA, else fp32]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Morph image A into image B: a LoRA per image, DDIM inversion, slerp and blended adapters.
+
+    Writes morph.gif, morph.mp4 and frames/frame_NNN.png into the output folder.
+    """
+    import morphkit
+
+    result = call(
+        morphkit.morph, image_a, image_b, prompt=prompt, prompt_a=prompt_a, prompt_b=prompt_b,
+        model=model or morphkit.models.DEFAULT_MODEL, frames=frames, steps=steps, guidance=guidance,
+        negative_prompt=negative_prompt, seed=seed, lora_a=lora_a, lora_b=lora_b, lora_rank=lora_rank,
+        lora_steps=lora_steps, lora_lr=lora_lr, resolution=resolution, batch_size=batch_size, output_dir=output_dir,
+        formats=[f.strip() for f in formats.split(",") if f.strip()], fps=fps, frame_duration_ms=frame_duration,
+        loop=loop, back_and_forth=back_and_forth, cache=cache, cache_dir=cache_dir, overwrite=overwrite,
+        device=device, dtype=dtype, progress=not quiet,
+    )
+    cached = [k for k, hit in result.cache_hits.items() if hit]
+    typer.echo(f"Morphed {len(result.frames)} frames of {result.frames[0].width}x{result.frames[0].height}.")
+    typer.echo("Time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())
+               + (f" (from cache: {', '.join(cached)})" if cached else ""))
+    for kind, path in result.paths.items():
+        typer.echo(f"{kind}: {path}")
 
 
 def main():

@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 
 from .errors import ConfigError, InputError, LoRAError, ModelNotFoundError, MorphkitError, OutputExistsError  # noqa: E402
 from .images import load_image  # noqa: E402
+from .inversion import InversionResult, invert  # noqa: E402
 from .models import load_controlnet, load_pipeline  # noqa: E402
+from .morph import MorphResult, morph  # noqa: E402
 from .train import TrainResult, TrainSettings, train_lora  # noqa: E402
 
 __all__ = [
@@ -15,10 +17,14 @@ __all__ = [
     "ModelNotFoundError",
     "MorphkitError",
     "OutputExistsError",
+    "InversionResult",
+    "MorphResult",
     "TrainResult",
     "TrainSettings",
     "load_controlnet",
     "load_image",
+    "invert",
     "load_pipeline",
+    "morph",
     "train_lora",
 ]

@@ -36,7 +36,7 @@ def load_examples(source: str | os.PathLike, prompt: str | None = None) -> list[
         raise InputError(f"The training data {source} does not exist. Give an image file or a folder with {METADATA_FILE}.")
     if source.is_file():
         if not prompt:
-            raise ConfigError(f"Training on one image needs a prompt: pass --prompt (for example --prompt 'a photo of sks').")
+            raise ConfigError("Training on one image needs a prompt: pass --prompt (for example --prompt 'a photo of sks').")
         return [Example(source, open_image(source), [prompt])]
     metadata = source / METADATA_FILE
     if not metadata.is_file():

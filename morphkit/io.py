@@ -52,6 +52,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def make_staging_dir(target: Path) -> Path:
+    """A temporary folder beside `target`, to be renamed onto it when complete (usual permissions)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

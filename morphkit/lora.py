@@ -9,8 +9,10 @@ beside it under `morphkit.*` keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,14 @@ from .io import atomic_write, check_can_write
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads alpha and rank from
 UNET_PREFIX = "unet."
+
+
+@contextlib.contextmanager
+def _second_adapter_is_fine():
+    """peft warns whenever a second adapter is added to a model, which morph does on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        yield
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,8 @@ def add_lora(unet, shape: LoraShape, adapter_name: str = "default"):
     """Add a trainable LoRA adapter to `unet`; the base weights stay frozen and the LoRA weights are fp32."""
     unet.requires_grad_(False)
     try:
-        unet.add_adapter(shape.peft_config(), adapter_name=adapter_name)
+        with _second_adapter_is_fine():
+            unet.add_adapter(shape.peft_config(), adapter_name=adapter_name)
     except ValueError as e:
         raise LoRAError(f"The LoRA targets {', '.join(shape.targets)} do not fit this UNet: {e}") from None
     params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
@@ -115,6 +126,47 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 def load_lora(unet, path: str | os.PathLike, adapter_name: str):
     """Load a diffusers-format LoRA file into `unet` as `adapter_name` (UNet only)."""
     try:
-        unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
+        with _second_adapter_is_fine():
+            unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
     except Exception as e:
         raise LoRAError(f"The LoRA {path} could not be loaded into this UNet: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
+    """Activate the named adapters, each at a weight: a float, or one weight per sample of the batch.
+
+    Floats go through diffusers' `set_adapters` (the UNet's output is then the base plus the sum of
+    weight x LoRA update). A 1-D tensor gives every sample of the batch its own weight, so that frames
+    with different adapter blends render in one UNet call: each LoRA layer's scale is reshaped to
+    broadcast over the batch dimension of its input. With classifier-free guidance the batch is
+    doubled; pass the weights doubled too.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    names = list(weights)
+    unet.set_adapters(names, [1.0 if torch.is_tensor(w) else float(w) for w in weights.values()])
+    per_sample = {n: w for n, w in weights.items() if torch.is_tensor(w)}
+    hooks, saved = [], []
+    for module in unet.modules():
+        if not isinstance(module, LoraLayer) or not per_sample:
+            continue
+        scales = {n: module.scaling[n] for n in per_sample if n in module.scaling}
+        saved.append((module, dict(module.scaling)))
+
+        def hook(mod, args, scales=scales):
+            x = args[0]
+            for name, base in scales.items():
+                w = per_sample[name].to(x.device, torch.float32)
+                if w.shape[0] != x.shape[0]:
+                    raise ValueError(f"adapter weights for {w.shape[0]} samples, but the batch has {x.shape[0]}")
+                mod.scaling[name] = base * w.view(-1, *([1] * (x.dim() - 1)))
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for module, scaling in saved:
+            module.scaling.update(scaling)

@@ -99,11 +99,11 @@ def load_pipeline(
     The checkpoint's own scheduler (PNDM for SD 1.5) is replaced by DDIM with the same betas, so
     that sampling and DDIM inversion walk the same timesteps. The safety checker is not loaded.
     """
+    _quiet_loading()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    _quiet_loading()
     common = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype)
     model = str(model)
 
@@ -201,10 +201,10 @@ def load_controlnet(
     allow_pickle: bool = False,
 ):
     """Load a ControlNet from a hub id, a local folder, a single file, or `tiny`."""
+    _quiet_loading()
     from diffusers import ControlNetModel
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    _quiet_loading()
     kwargs = dict(dtype=resolve_dtype(dtype, device))
     path = Path(str(controlnet)).expanduser()
     if controlnet == TINY_NAME:
@@ -227,3 +227,33 @@ def load_controlnet(
     else:
         net = _from_hub(ControlNetModel, str(controlnet), kwargs)
     return net.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the three encoders and the decoder, as functions of a loaded pipeline
+
+
+@torch.no_grad()
+def encode_image(pipe, img) -> torch.Tensor:
+    """PIL image -> scaled VAE latent mean (1, 4, H/8, W/8), fp32."""
+    from .images import to_tensor
+
+    x = to_tensor(img).to(pipe.vae.device, pipe.vae.dtype)
+    return pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1], fp32, decoded in chunks."""
+    out = []
+    for chunk in latents.split(batch_size):
+        z = chunk.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        out.append(pipe.vae.decode(z).sample.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str) -> torch.Tensor:
+    """Prompt -> CLIP text embedding (1, 77, dim), fp32."""
+    embeds, _ = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, False)
+    return embeds.float()

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +36,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import Example, data_hash, load_examples
 from .errors import ConfigError, InputError, OutputExistsError
-from .images import center_crop, fit_size, resize_to_policy, to_tensor
-from .io import atomic_write, write_json
+from .images import center_crop, fit_size, resize_to_policy
+from .io import atomic_write, make_staging_dir, write_json
 from .lora import DEFAULT_TARGETS, LoraShape, adapter_metadata, add_lora, lora_state_dict, save_lora
-from .models import DEFAULT_MODEL, load_pipeline, resolve_device
+from .models import DEFAULT_MODEL, encode_image, encode_prompt, load_pipeline, resolve_device
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CROPS = ("center", "random", "none")
@@ -254,7 +253,6 @@ def encode_examples(pipe, examples: list[Example], resolution: int, crop: str, r
     whole (policy-sized) image is kept and a square window is cut from it at each step; with 'none'
     the whole image is used.
     """
-    device = pipe.unet.device
     prompt_cache: dict[str, torch.Tensor] = {}
     encoded = []
     for ex in examples:
@@ -268,20 +266,6 @@ def encode_examples(pipe, examples: list[Example], resolution: int, crop: str, r
                 prompt_cache[caption] = encode_prompt(pipe, caption)[0]
         encoded.append(EncodedExample(latents, [prompt_cache[c] for c in ex.captions]))
     return encoded
-
-
-@torch.no_grad()
-def encode_image(pipe, img) -> torch.Tensor:
-    """PIL image -> scaled VAE latent mean (1, 4, H/8, W/8), fp32."""
-    x = to_tensor(img).to(pipe.vae.device, pipe.vae.dtype)
-    return pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    """Prompt -> CLIP text embedding (1, 77, dim), fp32."""
-    embeds, _ = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, False)
-    return embeds.float()
 
 
 def draw_batch(encoded: list[EncodedExample], micro_step: int, settings: TrainSettings, latent_size: int):
@@ -337,7 +321,7 @@ def save_checkpoint(folder: Path, step: int, unet, adapter_name: str, optimizer,
     """Write `folder/step-NNNNNN/` atomically (a temp folder renamed), then drop all but the newest `keep`."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    staging = make_staging_dir(target)
     try:
         save_file(lora_state_dict(unet, adapter_name), str(staging / "lora.safetensors"))
         opt = optimizer.state_dict()

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import click
-import pytest
 import typer
 from PIL import Image
 from typer.testing import CliRunner
