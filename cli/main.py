@@ -19,7 +19,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(
     name="morphkit",
-    help="Edit and morph single images with Stable Diffusion 1.5 and LoRA.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,6 +29,9 @@ MODEL_HELP = (
     "Base model: a hub id (used from the local Hugging Face cache when there), a local diffusers folder, "
     "a single-file SD 1.5 .safetensors checkpoint, or 'tiny' (built-in test model)."
 )
+
+
+DTYPE_HELP = "auto, fp32, fp16 or bf16. [default: bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU and MPS]"
 
 
 def fail(message: str, code: int = 1):
@@ -50,11 +52,15 @@ def call(fn, *args, **kwargs):
              "checkpoint with --resume.", 130)
     except MemoryError:
         fail("Out of memory. Try a smaller --resolution or --batch-size, or --gradient-checkpointing.", 1)
-    except RuntimeError as e:
+    except Exception as e:  # a bug in morphkit or below it: still one paragraph, with a way to the details
         if "out of memory" in str(e).lower():
             fail("The GPU ran out of memory. Try a smaller --resolution or --batch-size, --gradient-checkpointing, "
                  "or --mixed-precision fp16/bf16.", 1)
-        raise
+        if os.environ.get("MORPHKIT_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        fail(f"Unexpected {type(e).__name__}: {first}. This is probably a bug in morphkit; run again with "
+             "MORPHKIT_DEBUG=1 for the full traceback and report it.", 1)
 
 
 def version_callback(value: bool):
@@ -71,7 +77,8 @@ def main_options(
 ):
     """Edit and morph single images with Stable Diffusion 1.5 and LoRA.
 
-    Try it offline on the built-in tiny model:  morphkit train dataset/photos/astronaut.jpg --prompt "a photo" --model tiny
+    Try it offline on the built-in tiny model:
+    morphkit morph dataset/photos/astronaut.jpg dataset/photos/chelsea.jpg --model tiny
     """
 
 
@@ -104,7 +111,7 @@ def train(
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Shorter image side in pixels, a multiple of 8. [default: the model's, 512 for SD 1.5, 64 for tiny]"),
     crop: Optional[str] = typer.Option(None, "--crop", help="center or random (square crops), or none (whole image, aspect kept). [default: none for one image, center for a folder]"),
     random_flip: Optional[bool] = typer.Option(None, "--random-flip/--no-random-flip", help="Flip images left-right at random. [default: off]"),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto, no, fp16 or bf16. Base weights in that precision, LoRA weights fp32. [default: auto: bf16 on CUDA if supported, else fp16; no on CPU/MPS]"),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto, no, fp16 or bf16. Base weights in that precision, LoRA weights fp32. [default: auto: bf16 on CUDA GPUs that support it, else fp16; no (fp32) on CPU and MPS]"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory. [default: off]"),
     checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps", help="Save a resumable checkpoint every N steps (0: none). [default: 100]"),
     checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help="Keep at most K checkpoints. [default: 2]"),
@@ -153,7 +160,8 @@ def invert(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where to write NAME.noise.safetensors and NAME.reconstruction.png. [default: outputs/invert/NAME]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, fp32, fp16 or bf16. [default: fp16 on CUDA, else fp32]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled .ckpt/.pt/.bin model (loaded with weights_only=True). Only for files you trust."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Deterministic DDIM inversion of an image back to its starting noise.
@@ -164,7 +172,8 @@ def invert(
     import morphkit
 
     result = call(morphkit.invert, image, prompt, lora=lora, model=model, steps=steps, resolution=resolution,
-                  output_dir=output_dir, overwrite=overwrite, device=device, dtype=dtype, progress=not quiet)
+                  output_dir=output_dir, overwrite=overwrite, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                  progress=not quiet)
     typer.echo(f"Round trip: latent error {result.latent_error:.2%}, PSNR {result.psnr:.1f} dB "
                f"(against the VAE's own reconstruction), {steps} steps.")
     for kind, path in result.paths.items():
@@ -201,7 +210,8 @@ def morph(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the cache lives. [default: $MORPHKIT_CACHE/morph or ~/.cache/morphkit/morph]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a morph already in the output folder."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, fp32, fp16 or bf16. [default: fp16 on CUDA, else fp32]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled .ckpt/.pt/.bin model (loaded with weights_only=True). Only for files you trust."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Morph image A into image B: a LoRA per image, DDIM inversion, slerp and blended adapters.
@@ -210,14 +220,17 @@ def morph(
     """
     import morphkit
 
+    chosen = [f.strip() for f in formats.split(",") if f.strip()]
+    if not chosen:
+        fail("--formats is empty: name at least one of gif, mp4, png.", 2)
     result = call(
         morphkit.morph, image_a, image_b, prompt=prompt, prompt_a=prompt_a, prompt_b=prompt_b,
         model=model or morphkit.models.DEFAULT_MODEL, frames=frames, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, seed=seed, lora_a=lora_a, lora_b=lora_b, lora_rank=lora_rank,
         lora_steps=lora_steps, lora_lr=lora_lr, resolution=resolution, batch_size=batch_size, output_dir=output_dir,
-        formats=[f.strip() for f in formats.split(",") if f.strip()], fps=fps, frame_duration_ms=frame_duration,
-        loop=loop, back_and_forth=back_and_forth, cache=cache, cache_dir=cache_dir, overwrite=overwrite,
-        device=device, dtype=dtype, progress=not quiet,
+        formats=chosen, fps=fps, frame_duration_ms=frame_duration, loop=loop, back_and_forth=back_and_forth,
+        cache=cache, cache_dir=cache_dir, overwrite=overwrite, device=device, dtype=dtype, allow_pickle=allow_pickle,
+        progress=not quiet,
     )
     cached = [k for k, hit in result.cache_hits.items() if hit]
     typer.echo(f"Morphed {len(result.frames)} frames of {result.frames[0].width}x{result.frames[0].height}.")

@@ -16,8 +16,8 @@ FORMATS = ("gif", "mp4", "png")
 
 
 def boomerang(frames: list[Image.Image]) -> list[Image.Image]:
-    """A → B → A: the sequence followed by itself reversed, without repeating the two ends."""
-    return frames + frames[-2:0:-1]
+    """A → B → A: the sequence, then back to its first frame without showing the last one twice."""
+    return frames + frames[-2::-1]
 
 
 def save_gif(frames: list[Image.Image], path: str | os.PathLike, duration_ms: int, loop: int = 0,

@@ -16,6 +16,7 @@ No image is ever squashed to a new aspect ratio.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .io import atomic_write, check_can_write
 
 MULTIPLE = 8
 MAX_ASPECT = 2.0
+MAX_RESOLUTION = 2048  # SD 1.5 is trained at 512; beyond this, attention alone needs tens of GB
 MAX_PIXELS = 64_000_000  # 8000 x 8000: far above anything SD 1.5 can use
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -48,8 +50,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             f"({MAX_FILE_BYTES // 2**20} MiB). Downscale it first."
         )
     try:
-        with Image.open(path) as probe:
-            width, height = probe.size
+        with warnings.catch_warnings():  # our own pixel limit below is the one that speaks
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:
+                width, height = probe.size
+    except Image.DecompressionBombError:
+        raise InputError(f"The image {path} has more pixels than morphkit accepts "
+                         f"({MAX_PIXELS // 1_000_000} megapixels). Downscale it first.") from None
     except UnidentifiedImageError:
         raise InputError(f"{path} is not an image morphkit can read (PNG, JPEG, WebP, BMP, TIFF, GIF).") from None
     except OSError as e:
@@ -85,14 +92,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_resolution(resolution: int) -> int:
+    if not isinstance(resolution, int) or resolution < MULTIPLE or resolution % MULTIPLE or resolution > MAX_RESOLUTION:
+        raise InputError(f"The resolution must be a multiple of {MULTIPLE} from {MULTIPLE} to {MAX_RESOLUTION}; "
+                         f"got {resolution}. Stable Diffusion 1.5 works best at 512.")
+    return resolution
+
+
 def fit_size(width: int, height: int, resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """The size policy as arithmetic: returns (scaled size, final size) for an image of (width, height).
 
     The scaled image has its shorter side equal to `resolution`; the final size is the center crop
     of it whose long side is at most `MAX_ASPECT` times the short one and whose sides are multiples of 8.
     """
-    if resolution < MULTIPLE or resolution % MULTIPLE:
-        raise InputError(f"The resolution must be a positive multiple of {MULTIPLE}; got {resolution}.")
+    check_resolution(resolution)
     scale = resolution / min(width, height)
     scaled = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     longest = int(resolution * MAX_ASPECT)

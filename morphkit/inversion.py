@@ -11,7 +11,6 @@ reversed timesteps.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +36,7 @@ def ddim_schedule(scheduler_config, steps: int) -> DDIMSchedule:
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(scheduler_config)
+    check_steps(steps, scheduler.config.num_train_timesteps)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.long()
     ratio = scheduler.config.num_train_timesteps // steps
@@ -45,6 +45,14 @@ def ddim_schedule(scheduler_config, steps: int) -> DDIMSchedule:
     alphas_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)],
                               torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64))
     return DDIMSchedule(timesteps, alphas_cumprod[timesteps], alphas_prev)
+
+
+def check_steps(steps, num_train_timesteps: int = 1000) -> int:
+    from .errors import ConfigError
+
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_train_timesteps:
+        raise ConfigError(f"steps must be an integer from 1 to {num_train_timesteps}; got {steps!r}.")
+    return steps
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from, alpha_to) -> torch.Tensor:
@@ -146,6 +154,7 @@ def invert(
     overwrite: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    allow_pickle: bool = False,
     pipe=None,
     progress: bool = True,
 ) -> InversionResult:
@@ -159,38 +168,45 @@ def invert(
 
     from safetensors.torch import save_file
 
-    from .errors import ConfigError
-    from .images import open_image, resize_to_policy, save_image, to_pil
+    from .errors import ConfigError, OutputExistsError
+    from .images import check_resolution, open_image, resize_to_policy, save_image, to_pil
     from .io import atomic_write, check_can_write
     from .lora import adapter_weights, load_lora
     from .models import DEFAULT_MODEL, decode_latents, encode_image, encode_prompt, load_pipeline
 
-    if not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"steps must be at least 1; got {steps!r}.")
+    check_steps(steps)
+    if lora is not None and not Path(lora).is_file():
+        raise ConfigError(f"The LoRA file {lora} does not exist (or is not a file).")
+    if resolution is not None:
+        check_resolution(resolution)
     original = open_image(image)
     stem = Path(image).stem
     out = Path(output_dir or Path("outputs") / "invert" / stem)
     noise_path, recon_path = out / f"{stem}.noise.safetensors", out / f"{stem}.reconstruction.png"
     if save:
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(f"The output folder {out} is a file. Choose another --output-dir.")
         check_can_write(noise_path, overwrite, "inverted noise")
         check_can_write(recon_path, overwrite, "reconstruction")
     if pipe is None:
-        pipe = load_pipeline(model or DEFAULT_MODEL, device=device, dtype=dtype)
+        pipe = load_pipeline(model or DEFAULT_MODEL, device=device, dtype=dtype, allow_pickle=allow_pickle)
     img = resize_to_policy(original, resolution or 8 * pipe.unet.config.sample_size)
     z0 = encode_image(pipe, img)
     embeds = encode_prompt(pipe, prompt)
     schedule = ddim_schedule(pipe.scheduler.config, steps)
-    weights = {}
+    if "inverted" in getattr(pipe.unet, "peft_config", {}):
+        pipe.unet.delete_adapters("inverted")
     if lora is not None:
-        if "inverted" in getattr(pipe.unet, "peft_config", {}):
-            pipe.unet.delete_adapters("inverted")
         load_lora(pipe.unet, lora, "inverted")
-        weights = {"inverted": 1.0}
     model_fn = eps_model(pipe.unet, embeds, prediction_type=pipe.scheduler.config.prediction_type,
                          alphas_cumprod=pipe.scheduler.alphas_cumprod)
-    with adapter_weights(pipe.unet, weights) if weights else contextlib.nullcontext():
-        noise = invert_ddim(model_fn, z0, schedule, disable=not progress)
-        regenerated = sample_ddim(model_fn, noise, schedule, disable=not progress, desc="regenerating")
+    try:  # under this LoRA alone, or the base model alone: never under adapters a reused `pipe` holds
+        with adapter_weights(pipe.unet, {"inverted": 1.0} if lora is not None else {}):
+            noise = invert_ddim(model_fn, z0, schedule, disable=not progress)
+            regenerated = sample_ddim(model_fn, noise, schedule, disable=not progress, desc="regenerating")
+    finally:
+        if lora is not None:
+            pipe.unet.delete_adapters("inverted")
     decoded = decode_latents(pipe, regenerated)
     round_trip = decode_latents(pipe, z0)
     reconstruction = to_pil(decoded)[0]

@@ -30,10 +30,18 @@ UNET_PREFIX = "unet."
 
 @contextlib.contextmanager
 def _second_adapter_is_fine():
-    """peft warns whenever a second adapter is added to a model, which morph does on purpose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        yield
+    """peft warns whenever a second adapter is added to a model, which morph does on purpose; and diffusers
+    logs a failed LoRA load at ERROR level before raising, where morphkit raises its own clearer message."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 @dataclass(frozen=True)
@@ -124,19 +132,55 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def load_lora(unet, path: str | os.PathLike, adapter_name: str):
-    """Load a diffusers-format LoRA file into `unet` as `adapter_name` (UNet only)."""
+    """Load a diffusers-format LoRA file into `unet` as `adapter_name` (UNet part only), weights in fp32.
+
+    The rank and alpha come from the file's `lora_adapter_metadata` header, so a LoRA trained with
+    alpha != rank loads at its trained strength. A file with no UNet LoRA weights, or whose weights do
+    not fit this UNet, raises `LoRAError` rather than loading nothing.
+    """
+    tensors, header = read_lora(path)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors):
+        raise LoRAError(f"{path} is a kohya/A1111-format LoRA. morphkit reads LoRAs in diffusers format only so far; "
+                        "kohya support is planned (see the README).")
+    if not any(k.startswith(UNET_PREFIX) for k in tensors) and any(".lora_A." in k for k in tensors):
+        tensors = {UNET_PREFIX + k: v for k, v in tensors.items()}  # PEFT keys without the `unet.` prefix
+    unet_keys = [k for k in tensors if k.startswith(UNET_PREFIX) and "lora" in k]
+    if not unet_keys:
+        raise LoRAError(f"{path} holds no LoRA weights for a UNet (keys like 'unet.<module>.lora_A.weight'); it is not a "
+                        "LoRA morphkit can apply.")
+    metadata = None
+    if raw := header.get(DIFFUSERS_METADATA_KEY):
+        try:
+            metadata = {k: v for k, v in json.loads(raw).items() if k.startswith(UNET_PREFIX)} or None  # diffusers strips it
+        except ValueError:
+            raise LoRAError(f"{path} has a malformed {DIFFUSERS_METADATA_KEY} header.") from None
     try:
         with _second_adapter_is_fine():
-            unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
+            unet.load_lora_adapter({k: tensors[k] for k in unet_keys}, prefix="unet", adapter_name=adapter_name,
+                                   metadata=metadata)
     except Exception as e:
-        raise LoRAError(f"The LoRA {path} could not be loaded into this UNet: {str(e).splitlines()[0]}") from None
+        raise LoRAError(f"The LoRA {path} does not fit this UNet: {str(e).splitlines()[0][:300]}") from None
+    params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
+    if adapter_name not in getattr(unet, "peft_config", {}) or not params:
+        raise LoRAError(f"No weight of the LoRA {path} matched a module of this UNet; it was made for another model.")
+    for p in params:
+        p.data = p.data.float()
+
+
+def check_targets(unet, targets) -> None:
+    """Raise `LoRAError` unless every target names at least one module of `unet`."""
+    names = [n for n, _ in unet.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise LoRAError(f"The LoRA targets {', '.join(missing)} match no module of this UNet. SD 1.5's attention "
+                        "projections are to_q, to_k, to_v and to_out.0; feed-forward layers ff.net.0.proj and ff.net.2.")
 
 
 @contextlib.contextmanager
 def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
     """Activate the named adapters, each at a weight: a float, or one weight per sample of the batch.
 
-    Floats go through diffusers' `set_adapters` (the UNet's output is then the base plus the sum of
+    An empty dict runs the base model alone. Floats go through diffusers' `set_adapters` (the UNet's output is then the base plus the sum of
     weight x LoRA update). A 1-D tensor gives every sample of the batch its own weight, so that frames
     with different adapter blends render in one UNet call: each LoRA layer's scale is reshaped to
     broadcast over the batch dimension of its input. With classifier-free guidance the batch is
@@ -144,6 +188,16 @@ def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
     """
     from peft.tuners.lora import LoraLayer
 
+    if not weights:  # the base model alone, whatever adapters the UNet holds
+        if getattr(unet, "peft_config", None):
+            unet.disable_adapters()
+            try:
+                yield
+            finally:
+                unet.enable_adapters()
+        else:
+            yield
+        return
     names = list(weights)
     unet.set_adapters(names, [1.0 if torch.is_tensor(w) else float(w) for w in weights.values()])
     per_sample = {n: w for n, w in weights.items() if torch.is_tensor(w)}

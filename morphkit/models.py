@@ -51,11 +51,13 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`None`/"auto": fp16 on CUDA, fp32 on MPS and CPU. Otherwise fp32, fp16 or bf16."""
+    """`None`/"auto": bf16 on CUDA GPUs that support it, else fp16; fp32 on MPS and CPU. Or fp32, fp16, bf16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in DTYPES:
         raise ConfigError(f"Unknown dtype {dtype!r}. Use auto, fp32, fp16 or bf16.")
     if device.type == "cpu" and dtype != "fp32":
@@ -178,15 +180,15 @@ def _from_hub(cls, repo_id: str, kwargs: dict, **extra):
     tried = []
     try:
         return cls.from_pretrained(repo_id, local_files_only=True, **kwargs, **extra)
-    except Exception as e:
-        tried.append(f"the local Hugging Face cache ({_one_line(e)})")
+    except Exception:
+        tried.append("the local Hugging Face cache (not there)")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         tried.append("no download, because HF_HUB_OFFLINE is set")
     else:
         try:
             return cls.from_pretrained(repo_id, **kwargs, **extra)
         except Exception as e:
-            tried.append(f"a download from the Hugging Face hub ({_one_line(e)})")
+            tried.append(f"a download from the Hugging Face hub, which failed ({_one_line(e)[:160]})")
     raise ModelNotFoundError(
         f"The model {repo_id!r} could not be found. Tried: {'; '.join(tried)}. If you are offline, download it "
         f"once where you have a network (`hf download {repo_id}`), pass a local diffusers folder or a single-file "

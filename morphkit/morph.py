@@ -24,8 +24,8 @@ from PIL import Image
 from .cache import TensorCache, cache_key, model_fingerprint
 from .errors import ConfigError, OutputExistsError
 from .export import FORMATS, boomerang, save_frames, save_gif, save_mp4
-from .images import center_crop, open_image, resize_to_policy, to_pil
-from .inversion import ddim_schedule, eps_model, invert_ddim, sample_ddim
+from .images import center_crop, check_resolution, open_image, resize_to_policy, to_pil
+from .inversion import check_steps, ddim_schedule, eps_model, invert_ddim, sample_ddim
 from .io import sha256_file
 from .lora import adapter_metadata, adapter_weights, load_lora, lora_state_dict, save_lora
 from .models import DEFAULT_MODEL, decode_latents, encode_image, encode_prompt, load_pipeline
@@ -157,6 +157,7 @@ def morph(
     overwrite: bool = False,
     device: str | None = None,
     dtype: str | None = None,
+    allow_pickle: bool = False,
     pipe=None,
     progress: bool = True,
 ) -> MorphResult:
@@ -175,14 +176,23 @@ def morph(
     formats = tuple(formats)
     if bad := [f for f in formats if f not in FORMATS]:
         raise ConfigError(f"Unknown output format {', '.join(bad)}; choose from {', '.join(FORMATS)}.")
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("lora_steps", lora_steps, 1),
-                             ("lora_rank", lora_rank, 1)):
+    check_steps(steps)
+    for name, value, low in (("batch_size", batch_size, 1), ("lora_steps", lora_steps, 1), ("lora_rank", lora_rank, 1)):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer of at least {low}; got {value!r}.")
-    if not guidance > 0 or not fps > 0 or not lora_lr > 0:
-        raise ConfigError("guidance, fps and lora_lr must be positive.")
-    if frame_duration_ms is not None and frame_duration_ms < 10:
-        raise ConfigError("The frame duration must be at least 10 ms (GIF players clamp shorter ones).")
+    if not guidance > 0 or not lora_lr > 0:
+        raise ConfigError("guidance and lora_lr must be positive.")
+    if not 0 < fps <= 100:
+        raise ConfigError(f"fps must be above 0 and at most 100 (GIF frames last at least 10 ms); got {fps}.")
+    duration = round(1000 / fps) if frame_duration_ms is None else frame_duration_ms
+    if not 10 <= duration <= 60_000:
+        raise ConfigError(f"The frame duration must be from 10 ms to 60 s; got {duration} ms.")
+    if not 0 <= loop <= 65535:
+        raise ConfigError(f"loop must be from 0 (forever) to 65535; got {loop}.")
+    if cache and cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ConfigError(f"The cache folder {cache_dir} is a file.")
+    if resolution is not None:
+        check_resolution(resolution)
     originals = [open_image(image_a), open_image(image_b)]
     prompts = [prompt if prompt_a is None else prompt_a, prompt if prompt_b is None else prompt_b]
     loras = [lora_a, lora_b]
@@ -206,7 +216,7 @@ def morph(
 
     # 2. model, images at one size, latents and prompt embeddings
     if pipe is None:
-        pipe = load_pipeline(model, device=device, dtype=dtype)
+        pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     unet = pipe.unet
     for name in ADAPTERS:
         if name in getattr(unet, "peft_config", {}):
@@ -222,7 +232,7 @@ def morph(
     latents = [encode_image(pipe, img) for img in images]
     embeds = [encode_prompt(pipe, p) for p in prompts]
     negative = encode_prompt(pipe, negative_prompt) if guidance != 1.0 else None
-    fingerprint = model_fingerprint(model)
+    fingerprint = f"{model_fingerprint(model)}:{unet.dtype}"  # a bf16 LoRA or noise is not an fp32 one
     timings["load"] = time.perf_counter() - clock
 
     # 3. one LoRA per image: given, cached, or fitted now
@@ -231,7 +241,7 @@ def morph(
     for side, name in enumerate(ADAPTERS):
         if loras[side] is not None:
             load_lora(unet, loras[side], name)
-            lora_ids.append("file:" + sha256_file(loras[side]))
+            lora_ids.append(f"file:{sha256_file(loras[side])}")
             continue
         settings = TrainSettings(data="<morph>", prompt=prompts[side], model=model, rank=lora_rank, steps=lora_steps,
                                  learning_rate=lora_lr, seed=seed, resolution=resolution, crop="none",
@@ -287,7 +297,6 @@ def morph(
     clock = time.perf_counter()
     paths: dict[str, Path] = {}
     sequence = boomerang(pictures) if back_and_forth else pictures
-    duration = frame_duration_ms or round(1000 / fps)
     if "gif" in formats:
         paths["gif"] = save_gif(sequence, out / "morph.gif", duration, loop, overwrite=overwrite)
     if "mp4" in formats:

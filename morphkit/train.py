@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import Example, data_hash, load_examples
 from .errors import ConfigError, InputError, OutputExistsError
-from .images import center_crop, fit_size, resize_to_policy
+from .images import MAX_RESOLUTION, center_crop, fit_size, resize_to_policy
 from .io import atomic_write, make_staging_dir, write_json
-from .lora import DEFAULT_TARGETS, LoraShape, adapter_metadata, add_lora, lora_state_dict, save_lora
-from .models import DEFAULT_MODEL, encode_image, encode_prompt, load_pipeline, resolve_device
+from .lora import DEFAULT_TARGETS, LoraShape, adapter_metadata, add_lora, check_targets, lora_state_dict, save_lora
+from .models import DEFAULT_MODEL, encode_image, encode_prompt, load_pipeline, resolve_device, resolve_dtype
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CROPS = ("center", "random", "none")
@@ -168,8 +168,8 @@ class TrainSettings:
         need(number("noise_offset") >= 0, "noise_offset must be 0 or more.")
         need(self.snr_gamma is None or number("snr_gamma") > 0, "snr_gamma must be positive (5.0 is the usual value).")
         need(number("seed", int) >= 0, "seed must be 0 or more.")
-        need(self.resolution is None or (number("resolution", int) >= 8 and self.resolution % 8 == 0),
-             f"resolution must be a positive multiple of 8; got {self.resolution}.")
+        need(self.resolution is None or (8 <= number("resolution", int) <= MAX_RESOLUTION and self.resolution % 8 == 0),
+             f"resolution must be a multiple of 8 from 8 to {MAX_RESOLUTION}; got {self.resolution}.")
         need(self.crop is None or self.crop in CROPS, f"crop must be one of {', '.join(CROPS)}; got {self.crop!r}.")
         need(self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}.")
         need(number("checkpointing_steps", int) >= 0, "checkpointing_steps must be 0 (none) or more.")
@@ -381,9 +381,7 @@ def load_checkpoint(path: Path, unet, adapter_name: str, optimizer, scaler, fing
 def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype:
     mode = settings.mixed_precision
     if mode == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return resolve_dtype(None, device)
     if mode != "no" and device.type != "cuda":
         raise ConfigError(f"mixed_precision {mode} needs a CUDA GPU; on {device.type} use 'no' (fp32).")
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
@@ -517,18 +515,23 @@ def train_lora(
     checkpoints = out / "checkpoints"
     log_path = out / "train_log.jsonl"
 
-    # Everything that can be refused is refused before the model is loaded.
-    if lora_path.exists() and not overwrite:
-        raise OutputExistsError(f"The LoRA {lora_path} already exists. Pass --overwrite to replace it, or --name / "
-                                "--output-dir for a new one.")
-    if list_checkpoints(checkpoints) and not (resume or overwrite):
-        raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run. Pass --resume to continue it, or "
-                                "--overwrite to start afresh.")
+    # Everything that can be refused is refused before the model is loaded, and before anything is written.
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"The output folder {out} is a file.")
+    found = list_checkpoints(checkpoints)
+    if lora_path.exists() and not overwrite and not (resume and found):  # resuming continues, then replaces it
+        raise OutputExistsError(f"The LoRA {lora_path} already exists. Pass --overwrite to replace it, or --name / "
+                                "--output-dir for a new one.")
+    if found and not (resume or overwrite):
+        raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run. Pass --resume to continue it, or "
+                                "--overwrite to start afresh.")
 
     digest = data_hash(examples)
     fingerprint = s.trajectory_hash(digest)
+    if resume and found and json.loads((found[-1] / "state.json").read_text())["fingerprint"] != fingerprint:
+        raise ConfigError(f"The checkpoints in {checkpoints} were made with other settings or other data than this "
+                          "run. Resume with the same settings (only steps/epochs may change), or drop --resume and "
+                          "pass --overwrite to start afresh.")
     if pipe is None:
         dev = resolve_device(device)
         pipe = load_pipeline(s.model, device=dev, dtype=_precision(s, dev), allow_pickle=allow_pickle)
@@ -539,13 +542,15 @@ def train_lora(
             _, final = fit_size(ex.image.width, ex.image.height, resolution)
             if min(final) < resolution:
                 raise InputError(f"{ex.path} is too small for a {resolution}px random crop.")
+    check_targets(pipe.unet, s.targets)
+    if "default" in getattr(pipe.unet, "peft_config", {}):  # a reused pipeline: this run's adapter replaces it
+        pipe.unet.delete_adapters("default")
     encoded = encode_examples(pipe, examples, resolution, s.crop, s.random_flip)
 
     out.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    found = list_checkpoints(checkpoints) if resume else []
-    start = json.loads((found[-1] / "state.json").read_text())["step"] if found else 0
+    start = json.loads((found[-1] / "state.json").read_text())["step"] if resume and found else 0
     _trim_log(log_path, start)
     write_json(out / "train_settings.json", {**dataclasses.asdict(s), "data_hash": digest, "morphkit_version": __version__})
 

@@ -196,16 +196,24 @@ def test_cli_morph_and_its_bad_inputs(pair, tmp_path):
         (["morph", pair[0], tmp_path / "corrupt.jpg", "-o", tmp_path / "z", *common], "corrupt"),
         (["morph", pair[0], pair[0], "-o", tmp_path / "w", *common], "nothing to morph"),
         (["morph", *pair, "-o", tmp_path / "v", *common, "--formats", "gif,avi"], "Unknown output format"),
+        (["morph", *pair, "-o", tmp_path / "u", *common, "--formats", ""], "--formats is empty"),
+        (["morph", *pair, "-o", tmp_path / "t", *common, "--fps", "5000"], "fps"),
+        (["morph", *pair, "-o", tmp_path / "s", *common, "--steps", "2000"], "steps"),
+        (["morph", *pair, "-o", tmp_path / "r", *common, "--loop", "-1"], "loop"),
+        (["morph", *pair, "-o", tmp_path / "q", *common, "--resolution", "0"], "resolution"),
+        (["morph", *pair, "-o", tmp_path / "p", *common, "--resolution", "4096"], "resolution"),
+        (["morph", *pair, "-o", tmp_path / "n", *common, "--cache-dir", pair[0]], "is a file"),
+        (["morph", *pair, "-o", tmp_path / "m", *common, "--lora-a", tmp_path / "nope.safetensors"], "does not exist"),
     ]
     for argv, words in cases:
         result = run_cli(*argv)
         assert result.exit_code != 0 and words in result.output, (argv, result.output)
         assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
     assert (out / "morph.gif").read_bytes() == gif_bytes  # the existing morph was left alone
-    for name in "xyzwv":
+    for name in "xyzwvutsrqpnm":
         assert not (tmp_path / name).exists()
     again = run_cli("morph", *pair, "-o", out, *common, "--overwrite", "--back-and-forth")
-    assert again.exit_code == 0 and Image.open(out / "morph.gif").n_frames == 4  # 3 frames there and 1 back
+    assert again.exit_code == 0 and Image.open(out / "morph.gif").n_frames == 5  # A→B in 3 frames, then back to A
 
 
 def test_invert_cli(pair, tmp_path):
@@ -213,3 +221,27 @@ def test_invert_cli(pair, tmp_path):
     assert result.exit_code == 0, result.output
     assert "latent error" in result.output and (tmp_path / "a.noise.safetensors").is_file()
     assert math.isfinite(float(result.output.split("latent error ")[1].split("%")[0]))
+
+
+def test_invert_rejects_loras_that_are_not_diffusers_unet_loras(pair, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 64)},
+              str(tmp_path / "kohya.safetensors"))
+    save_file({"something.else": torch.zeros(3)}, str(tmp_path / "random.safetensors"))
+    save_file({"unet.down_blocks.9.attentions.0.to_q.lora_A.weight": torch.zeros(4, 64),
+               "unet.down_blocks.9.attentions.0.to_q.lora_B.weight": torch.zeros(64, 4)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
+    for name, words in [("kohya", "kohya"), ("random", "no LoRA weights"), ("other", "does not fit"), ("trunc", "not a readable")]:
+        result = run_cli("invert", pair[0], "--model", "tiny", "--steps", "2", "--lora", tmp_path / f"{name}.safetensors",
+                         "-o", tmp_path / name, "-q")
+        assert result.exit_code == 2 and words in result.output, (name, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_a_reused_pipeline_keeps_no_adapter_state(pair, tiny_pipe, tmp_path):
+    plain = morphkit.invert(pair[0], steps=5, pipe=tiny_pipe, save=False, progress=False).noise
+    morphkit.morph(*pair, pipe=tiny_pipe, formats=(), cache_dir=tmp_path, **FAST)
+    assert "img0" in tiny_pipe.unet.peft_config
+    again = morphkit.invert(pair[0], steps=5, pipe=tiny_pipe, save=False, progress=False).noise
+    assert torch.equal(plain, again)

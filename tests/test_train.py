@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 import morphkit
 from morphkit import train as train_module
 from morphkit.data import load_examples
+from morphkit.lora import load_lora
 from morphkit.train import TrainSettings, diffusion_loss, encode_examples, fit_lora, lr_at, rng
 from tests.conftest import REPO, unet_probe
 
@@ -52,6 +53,10 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_the_model(tiny_pipe,
     reloaded = unet_probe(fresh.unet)
     assert (reloaded - trained).abs().max() < 1e-5
     assert (reloaded - base).abs().max() > 1e-3  # the LoRA does something, so the match means something
+
+    ours = morphkit.load_pipeline("tiny", device="cpu")  # and morphkit's own loader agrees (alpha from the header)
+    load_lora(ours.unet, result.lora_path, "mine")
+    assert (unet_probe(ours.unet) - trained).abs().max() < 1e-5
 
     with safe_open(str(result.lora_path), "pt") as f:
         meta = f.metadata()
@@ -140,3 +145,24 @@ def test_gradient_accumulation_noise_offset_and_min_snr_run(photo, tmp_path):
                                  snr_gamma=5.0, lr_scheduler="cosine", lr_warmup_steps=1, gradient_checkpointing=True,
                                  output_dir=tmp_path, progress=False)
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_resume_with_more_steps_continues_a_finished_run(photo, tmp_path):
+    common = dict(model="tiny", checkpointing_steps=5, progress=False, output_dir=tmp_path)
+    morphkit.train_lora(photo, "a photo", steps=5, **common)
+    longer = morphkit.train_lora(photo, "a photo", steps=8, resume=True, **common)
+    assert longer.resumed_from == 5 and longer.steps == 8
+    straight = morphkit.train_lora(photo, "a photo", steps=8, **{**common, "output_dir": tmp_path / "straight"})
+    a, b = load_file(str(longer.lora_path)), load_file(str(straight.lora_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failed_run_writes_nothing(photo, tmp_path):
+    with pytest.raises(morphkit.LoRAError, match="match no module"):
+        morphkit.train_lora(photo, "a photo", model="tiny", steps=2, targets="nonexistent_module", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_training_twice_on_one_pipeline(photo, tiny_pipe, tmp_path):
+    for name in ("first", "second"):
+        morphkit.train_lora(photo, "a photo", steps=2, pipe=tiny_pipe, output_dir=tmp_path / name, progress=False)

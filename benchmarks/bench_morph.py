@@ -1,0 +1,183 @@
+"""Time each stage of a morph, and the whole morph against the straightforward reference, in one run.
+
+    python benchmarks/bench_morph.py --size tiny          # the tiny model, DiffMorpher's settings
+    python benchmarks/bench_morph.py --size sd15          # full-size SD 1.5 architecture, random weights
+
+`sd15` builds the full-size architecture from the configs shipped in morphkit/configs/sd15 with random
+weights (speed does not depend on weight values). On a GPU it runs DiffMorpher's settings at 512 px; on
+a CPU, where one full-size UNet call at 512 px takes seconds, it runs a reduced resolution and step count
+(printed in the report). Results go to benchmarks/results/<size>-<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import morphkit  # noqa: E402
+from morphkit.images import load_image, to_tensor  # noqa: E402
+from morphkit.inversion import ddim_schedule, eps_model, invert_ddim  # noqa: E402
+from morphkit.lora import adapter_weights  # noqa: E402
+from morphkit.models import SD15_CONFIG, decode_latents, encode_image, encode_prompt, load_pipeline, resolve_device  # noqa: E402
+from morphkit.morph import cover_resize, render_frames  # noqa: E402
+from morphkit.train import EncodedExample, TrainSettings, fit_lora  # noqa: E402
+from reference import reference_morph  # noqa: E402
+
+PRESETS = {
+    # DiffMorpher's settings: 2 x 200 LoRA steps, 2 x 50 inversion steps, 16 frames x 50 steps.
+    "full": dict(resolution=None, frames=16, steps=50, lora_steps=200),
+    "sd15-cpu": dict(resolution=128, frames=4, steps=4, lora_steps=4),
+}
+PHOTOS = HERE.parent / "dataset" / "photos"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """Wall time and (on CUDA) peak memory of a block."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.start
+        self.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
+
+
+def build_sd15(device, dtype):
+    """The full-size SD 1.5 pipeline with random weights, from the shipped configs."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG), subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG), subfolder="vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG), subfolder="text_encoder"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, unet=unet, safety_checker=None, feature_extractor=None,
+        tokenizer=CLIPTokenizer.from_pretrained(str(SD15_CONFIG), subfolder="tokenizer"),
+        scheduler=DDIMScheduler.from_pretrained(str(SD15_CONFIG), subfolder="scheduler"), requires_safety_checker=False,
+    )
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-reference", action="store_true", help="Skip the straightforward reference.")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    settings = PRESETS["sd15-cpu" if args.size == "sd15" and device.type == "cpu" else "full"]
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    timings, memory = {}, {}
+
+    def record(name, timer, per=1):
+        timings[name] = timer.seconds / per
+        if timer.peak_gib is not None:
+            memory[name] = round(timer.peak_gib, 2)
+
+    with Timer(device) as t:
+        pipe = load_pipeline("tiny", device=device, dtype=dtype) if args.size == "tiny" else build_sd15(device, dtype)
+    record("model load" if args.size == "tiny" else "model build (random weights)", t)
+    resolution = settings["resolution"] or 8 * pipe.unet.config.sample_size
+    img_a = load_image(PHOTOS / "astronaut.jpg", resolution)
+    img_b = cover_resize(load_image(PHOTOS / "chelsea.jpg"), img_a.size)
+    prompts = ("a photo of an astronaut", "a photo of a cat")
+
+    # --- stages of morphkit, one by one ---
+    encode_image(pipe, img_a)  # warm-up
+    with Timer(device) as t:
+        latent = encode_image(pipe, img_a)
+    record("VAE encode (1 image)", t)
+    with Timer(device) as t:
+        decode_latents(pipe, latent)
+    record("VAE decode (1 image)", t)
+    embeds = encode_prompt(pipe, prompts[0])
+    lora_steps = settings["lora_steps"]
+    train_settings = TrainSettings(data="-", steps=lora_steps, resolution=resolution, crop="none", checkpointing_steps=0)
+    with Timer(device) as t:
+        fit_lora(pipe, [EncodedExample([latent[0]], [embeds[0]])], train_settings, adapter_name="bench", progress=False)
+    record("LoRA training step", t, lora_steps)
+    schedule = ddim_schedule(pipe.scheduler.config, settings["steps"])
+    with Timer(device) as t, adapter_weights(pipe.unet, {"bench": 1.0}):
+        noise = invert_ddim(eps_model(pipe.unet, embeds), latent, schedule)
+    record("inversion step", t, settings["steps"])
+    pipe.unet.delete_adapters("bench")
+
+    # --- the whole morph: morphkit, then the reference, on the same pipeline ---
+    common = dict(prompt_a=prompts[0], prompt_b=prompts[1], frames=settings["frames"], steps=settings["steps"],
+                  lora_steps=lora_steps, resolution=resolution, formats=(), cache=False, progress=False)
+    with Timer(device) as t:
+        result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common)
+    record("morphkit: whole morph", t)
+    for stage, seconds in result.timings.items():
+        timings[f"morphkit: {stage}"] = seconds
+    timings["morphkit: rendering per frame"] = result.timings["render"] / settings["frames"]
+    if not args.no_reference:
+        for name in ("img0", "img1"):
+            pipe.unet.delete_adapters(name)
+        tensors = [to_tensor(img).to(device, dtype) for img in (img_a, img_b)]
+        with Timer(device) as t:
+            reference_morph(pipe, *tensors, *prompts, settings["frames"], settings["steps"], lora_steps)
+        record("reference: whole morph", t)
+        timings["speed-up (reference / morphkit)"] = timings["reference: whole morph"] / timings["morphkit: whole morph"]
+
+    report = {
+        "size": args.size,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "settings": {**settings, "resolution": resolution, "frame size": list(img_a.size)},
+        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+                     "peft": __import__("peft").__version__, "morphkit": morphkit.__version__, "python": platform.python_version()},
+        "command": "python benchmarks/bench_morph.py " + " ".join(sys.argv[1:]),
+        "seconds": {k: round(v, 4) for k, v in timings.items()},
+        "peak_gpu_memory_gib": memory or "n/a (CPU)",
+        "peak_host_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.size}-{device.type}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# morph benchmark: {args.size} on {report['device']}", "",
+             f"Command: `{report['command']}`  ", f"dtype {report['dtype']}; settings {json.dumps(report['settings'])}  ",
+             f"versions {json.dumps(report['versions'])}", "", "| stage | seconds | peak GPU GiB |", "|---|---|---|"]
+    for k, v in timings.items():
+        lines.append(f"| {k} | {v:.4f} | {memory.get(k, '') if memory else ''} |")
+    lines += ["", f"Peak host memory (max RSS): {report['peak_host_memory_gib']} GiB"]
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
