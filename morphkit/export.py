@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputExistsError
 from .io import atomic_write, check_can_write, make_staging_dir
 
 FORMATS = ("gif", "mp4", "png")
@@ -50,7 +50,7 @@ def save_frames(frames: list[Image.Image], folder: str | os.PathLike, overwrite:
     """`folder/frame_000.png`, ...: written into a temporary folder that is then renamed into place."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
-        check_can_write(folder, overwrite, "frame folder")
+        raise OutputExistsError(f"The frame folder {folder} already exists. Pass --overwrite to replace it.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(folder)
     try:

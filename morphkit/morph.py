@@ -215,6 +215,7 @@ def morph(
     clock = time.perf_counter()
 
     # 2. model, images at one size, latents and prompt embeddings
+    given_pipe = pipe
     if pipe is None:
         pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     unet = pipe.unet
@@ -232,7 +233,12 @@ def morph(
     latents = [encode_image(pipe, img) for img in images]
     embeds = [encode_prompt(pipe, p) for p in prompts]
     negative = encode_prompt(pipe, negative_prompt) if guidance != 1.0 else None
-    fingerprint = f"{model_fingerprint(model)}:{unet.dtype}"  # a bf16 LoRA or noise is not an fp32 one
+    # What the cache keys call "the model": the pipeline actually used, and its dtype (a bf16 LoRA or noise is
+    # not an fp32 one). A pipeline built in memory has no name to key on, so nothing of it is cached.
+    source = model if given_pipe is None else getattr(pipe, "name_or_path", None)
+    if source is None:
+        store = TensorCache(None)
+    fingerprint = f"{model_fingerprint(str(source))}:{unet.dtype}"
     timings["load"] = time.perf_counter() - clock
 
     # 3. one LoRA per image: given, cached, or fitted now
@@ -272,7 +278,7 @@ def morph(
         hits[f"inversion_{'ab'[side]}"] = entry is not None
         if entry is None:
             with adapter_weights(unet, {name: 1.0}):
-                model_fn = eps_model(unet, embeds[side].to(unet.device), prediction_type=pipe.scheduler.config.prediction_type,
+                model_fn = eps_model(unet, embeds[side], prediction_type=pipe.scheduler.config.prediction_type,
                                      alphas_cumprod=pipe.scheduler.alphas_cumprod)
                 noise = invert_ddim(model_fn, latents[side], schedule, disable=not progress,
                                     desc=f"inverting {'AB'[side]}")
