@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from cli.common import DTYPE_HELP, MODEL_HELP, call, fail
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(
@@ -24,44 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-MODEL_HELP = (
-    "Base model: a hub id (used from the local Hugging Face cache when there), a local diffusers folder, "
-    "a single-file SD 1.5 .safetensors checkpoint, or 'tiny' (built-in test model)."
-)
-
-
-DTYPE_HELP = "auto, fp32, fp16 or bf16. [default: bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU and MPS]"
-
-
-def fail(message: str, code: int = 1):
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def call(fn, *args, **kwargs):
-    """Run an API function; turn morphkit's errors and Ctrl-C into a message and an exit code."""
-    from morphkit.errors import MorphkitError
-
-    try:
-        return fn(*args, **kwargs)
-    except MorphkitError as e:
-        fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        fail("Interrupted. Files already written are complete; a training run continues from its last "
-             "checkpoint with --resume.", 130)
-    except MemoryError:
-        fail("Out of memory. Try a smaller --resolution or --batch-size, or --gradient-checkpointing.", 1)
-    except Exception as e:  # a bug in morphkit or below it: still one paragraph, with a way to the details
-        if "out of memory" in str(e).lower():
-            fail("The GPU ran out of memory. Try a smaller --resolution or --batch-size, --gradient-checkpointing, "
-                 "or --mixed-precision fp16/bf16.", 1)
-        if os.environ.get("MORPHKIT_DEBUG"):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        fail(f"Unexpected {type(e).__name__}: {first}. This is probably a bug in morphkit; run again with "
-             "MORPHKIT_DEBUG=1 for the full traceback and report it.", 1)
-
 
 def version_callback(value: bool):
     if value:
@@ -115,6 +79,7 @@ def train(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory. [default: off]"),
     checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps", help="Save a resumable checkpoint every N steps (0: none). [default: 100]"),
     checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help="Keep at most K checkpoints. [default: 2]"),
+    lora_format: str = typer.Option("kohya", "--format", help="File format of the LoRA: kohya (lora_unet_... keys; loads in A1111, ComfyUI, diffusers and morphkit), diffusers (PEFT keys, as diffusers' own scripts write), or both (NAME.safetensors in kohya format and NAME.diffusers.safetensors)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing LoRA and start afresh (with --resume: continue, then replace)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
@@ -140,12 +105,14 @@ def train(
     start = time.perf_counter()
     result = call(
         morphkit.train_lora, data, prompt, config=config, model=model, output_dir=output_dir, name=name,
-        device=device, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet, **settings,
+        device=device, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, lora_format=lora_format,
+        progress=not quiet, **settings,
     )
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
     typer.echo(f"Trained {result.steps} steps{resumed}{last} in {time.perf_counter() - start:.1f} s.")
-    typer.echo(f"LoRA: {result.lora_path}")
+    for path in result.lora_paths:
+        typer.echo(f"LoRA: {path}")
     typer.echo(f"Log:  {result.output_dir / 'train_log.jsonl'}")
 
 
@@ -238,6 +205,12 @@ def morph(
                + (f" (from cache: {', '.join(cached)})" if cached else ""))
     for kind, path in result.paths.items():
         typer.echo(f"{kind}: {path}")
+
+
+# Command groups that live in their own modules.
+from cli import lora as _lora_cli  # noqa: E402
+
+app.add_typer(_lora_cli.app, name="lora")
 
 
 def main():

@@ -1,10 +1,10 @@
-"""LoRA adapters on the UNet: add, read out, save and load.
+"""LoRA adapters on the UNet: add, read out, save, load, and weight them per call or per sample.
 
-Files are written in the diffusers format that `pipe.load_lora_weights(path)` reads: keys
-`unet.<module path>.lora_A.weight` / `.lora_B.weight`, and the adapter's PEFT config (rank, alpha,
-targets) in the safetensors header under `lora_adapter_metadata`. Without that header entry a
-LoRA trained with alpha != rank reloads at the wrong strength. morphkit's own training record sits
-beside it under `morphkit.*` keys.
+Files (reading, formats, conversion) are `lora_files`' business; this module puts them on a UNet.
+A diffusers-format file carries the adapter's PEFT config (rank, alpha, targets) in the safetensors
+header under `lora_adapter_metadata`: without it a LoRA trained with alpha != rank reloads at the
+wrong strength in stock diffusers. A kohya file carries alpha as `.alpha` tensors instead.
+morphkit's own training record sits in the header under `morphkit.*` keys in both.
 """
 
 from __future__ import annotations
@@ -17,14 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import LoRAError
 from .io import atomic_write, check_can_write
+from .lora_files import (
+    DIFFUSERS_METADATA_KEY,
+    LoraFile,
+    LoraModule,
+    lora_from_peft,
+    diffusers_state_dict,
+    peft_metadata,
+    read_lora_file,
+    save_lora_file,
+)
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # what diffusers reads alpha and rank from
 UNET_PREFIX = "unet."
 
 
@@ -102,12 +110,18 @@ def save_lora(
     peft_metadata: dict,
     info: dict | None = None,
     overwrite: bool = False,
+    format: str = "diffusers",
 ) -> Path:
-    """Write a diffusers-format LoRA file atomically.
+    """Write a LoRA trained by morphkit atomically, in `format` (`diffusers` or `kohya`).
 
-    `peft_metadata` is `adapter_metadata(unet)`; `info` is morphkit's training record, stored as
-    strings under `morphkit.<key>`.
+    `state_dict` and `peft_metadata` are `lora_state_dict(unet)` and `adapter_metadata(unet)`; `info` is
+    morphkit's training record, stored as strings under `morphkit.<key>` (and as kohya's `ss_*` keys).
     """
+    if format == "kohya":
+        lora = lora_from_peft(state_dict, peft_metadata)
+        return save_lora_file(path, lora, "kohya", info, overwrite)
+    if format != "diffusers":
+        raise LoRAError(f"Unknown LoRA format {format!r}; choose kohya or diffusers.")
     path = check_can_write(path, overwrite, "LoRA file")
     header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(peft_metadata, sort_keys=True, default=str)}
     for key, value in (info or {}).items():
@@ -117,46 +131,49 @@ def save_lora(
     return path
 
 
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a LoRA safetensors file: (tensors, header metadata). Raises `LoRAError` if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"The LoRA file {path} does not exist.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise LoRAError(f"{path} is not a readable safetensors LoRA file ({str(e).splitlines()[0]}).") from None
-    return tensors, metadata
+def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
+    """Read and check a LoRA file in any format morphkit speaks, without putting it on a model."""
+    return read_lora_file(path, allow_pickle)
 
 
-def load_lora(unet, path: str | os.PathLike, adapter_name: str):
-    """Load a diffusers-format LoRA file into `unet` as `adapter_name` (UNet part only), weights in fp32.
+def check_fits(unet, lora: LoraFile, path) -> None:
+    """Raise `LoRAError`, naming the problem, unless every UNet module of `lora` exists in `unet` with matching sizes."""
+    from .lora_files import describe
 
-    The rank and alpha come from the file's `lora_adapter_metadata` header, so a LoRA trained with
-    alpha != rank loads at its trained strength. A file with no UNet LoRA weights, or whose weights do
-    not fit this UNet, raises `LoRAError` rather than loading nothing.
+    modules = dict(unet.named_modules())
+    found = describe(lora)["base"]
+    made_for = f" It looks made for {found}." if found and not found.startswith("unknown") else ""
+    missing = [n for n in lora.part("unet") if not hasattr(modules.get(n), "weight")]
+    if missing:
+        raise LoRAError(f"The LoRA {path} does not fit this UNet: {len(missing)} of its {len(lora.part('unet'))} "
+                        f"modules do not exist here (e.g. {missing[0]}).{made_for}")
+    for name, m in lora.part("unet").items():
+        weight = modules[name].weight
+        want = (weight.shape[0], m.rank, *weight.shape[2:]) if weight.dim() == 4 else (weight.shape[0], m.rank)
+        if tuple(m.up.shape[:2]) != want[:2] or tuple(m.down.shape[1:]) != tuple(weight.shape[1:]):
+            raise LoRAError(f"The LoRA {path} does not fit this UNet: at {name} its factors are down "
+                            f"{tuple(m.down.shape)} and up {tuple(m.up.shape)}, but the layer's weight is "
+                            f"{tuple(weight.shape)}.{made_for}")
+
+
+def load_lora(unet, path: str | os.PathLike, adapter_name: str, allow_pickle: bool = False) -> LoraFile:
+    """Load a LoRA file (kohya or diffusers format) into `unet` as `adapter_name`, weights in fp32.
+
+    Rank and alpha come from the file (kohya's `.alpha` tensors or diffusers' `lora_adapter_metadata`
+    header), so a LoRA trained with alpha != rank loads at its trained strength. Only the UNet part is
+    applied; a text-encoder part is reported by `describe` but not loaded. A file with no UNet LoRA,
+    or one made for another architecture, raises `LoRAError` rather than loading nothing.
     """
-    tensors, header = read_lora(path)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors):
-        raise LoRAError(f"{path} is a kohya/A1111-format LoRA. morphkit reads LoRAs in diffusers format only so far; "
-                        "kohya support is planned (see the README).")
-    if not any(k.startswith(UNET_PREFIX) for k in tensors) and any(".lora_A." in k for k in tensors):
-        tensors = {UNET_PREFIX + k: v for k, v in tensors.items()}  # PEFT keys without the `unet.` prefix
-    unet_keys = [k for k in tensors if k.startswith(UNET_PREFIX) and "lora" in k]
-    if not unet_keys:
-        raise LoRAError(f"{path} holds no LoRA weights for a UNet (keys like 'unet.<module>.lora_A.weight'); it is not a "
-                        "LoRA morphkit can apply.")
-    metadata = None
-    if raw := header.get(DIFFUSERS_METADATA_KEY):
-        try:
-            metadata = {k: v for k, v in json.loads(raw).items() if k.startswith(UNET_PREFIX)} or None  # diffusers strips it
-        except ValueError:
-            raise LoRAError(f"{path} has a malformed {DIFFUSERS_METADATA_KEY} header.") from None
+    lora = read_lora_file(path, allow_pickle)
+    if not lora.part("unet"):
+        raise LoRAError(f"{path} holds no LoRA weights for the UNet (only for {', '.join(sorted({k.partition('.')[0] for k in lora.modules}))}); "
+                        "morphkit applies UNet LoRAs.")
+    check_fits(unet, lora, path)
+    unet_only = LoraFile({k: m for k, m in lora.modules.items() if k.startswith(UNET_PREFIX)})
+    metadata = {k: v for k, v in peft_metadata(unet_only, "unet").items()}
     try:
         with _second_adapter_is_fine():
-            unet.load_lora_adapter({k: tensors[k] for k in unet_keys}, prefix="unet", adapter_name=adapter_name,
+            unet.load_lora_adapter(diffusers_state_dict(unet_only), prefix="unet", adapter_name=adapter_name,
                                    metadata=metadata)
     except Exception as e:
         raise LoRAError(f"The LoRA {path} does not fit this UNet: {str(e).splitlines()[0][:300]}") from None
@@ -165,6 +182,7 @@ def load_lora(unet, path: str | os.PathLike, adapter_name: str):
         raise LoRAError(f"No weight of the LoRA {path} matched a module of this UNet; it was made for another model.")
     for p in params:
         p.data = p.data.float()
+    return lora
 
 
 def check_targets(unet, targets) -> None:
@@ -224,3 +242,94 @@ def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
             h.remove()
         for module, scaling in saved:
             module.scaling.update(scaling)
+
+
+def parse_lora_spec(spec: str | os.PathLike, default_weight: float = 1.0) -> tuple[Path, float]:
+    """`"style.safetensors:0.8"` -> (Path("style.safetensors"), 0.8); without `:weight` the weight is `default_weight`."""
+    text = str(spec)
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass  # a ':' that is part of the path
+    return Path(text), default_weight
+
+
+def load_loras(pipe, loras, prefix: str = "lora") -> dict[str, float]:
+    """Load several LoRA files into `pipe` as adapters `lora0`, `lora1`, ...; returns {adapter name: weight}.
+
+    `loras` holds paths, `"path:weight"` strings or (path, weight) pairs. Use the result with
+    `adapter_weights(pipe.unet, ...)`. Any file that does not fit the model raises `LoRAError` naming it.
+    """
+    weights = {}
+    for i, item in enumerate(loras):
+        path, weight = item if isinstance(item, tuple) else parse_lora_spec(item)
+        name = f"{prefix}{i}"
+        if name in getattr(pipe.unet, "peft_config", {}):
+            pipe.unet.delete_adapters(name)
+        load_lora(pipe.unet, path, name)
+        weights[name] = float(weight)
+    return weights
+
+
+def fuse_into(model, modules: dict[str, LoraModule], weight: float) -> int:
+    """Add `weight` x each module's update to `model`'s weights in place (`W += weight * alpha/r * B @ A`).
+
+    `modules` are keyed by path inside `model`. Returns how many layers changed. The sum is done in fp32.
+    """
+    layers = dict(model.named_modules())
+    for name, m in modules.items():
+        layer = layers.get(name) or layers.get(name.removeprefix("text_model."))  # transformers 5 drops the prefix
+        if layer is None or not hasattr(layer, "weight"):
+            raise LoRAError(f"The LoRA adapts {name}, which this model does not have.")
+        delta = m.delta().to(layer.weight.device)
+        if delta.shape != layer.weight.shape:
+            raise LoRAError(f"The LoRA's update at {name} has shape {tuple(delta.shape)}, the layer's weight "
+                            f"{tuple(layer.weight.shape)}.")
+        with torch.no_grad():
+            layer.weight.copy_((layer.weight.float() + weight * delta).to(layer.weight.dtype))
+    return len(modules)
+
+
+@dataclass
+class FuseResult:
+    path: Path
+    layers: dict[str, int]  # model part -> layers changed
+
+
+def fuse_lora(
+    model: str,
+    loras,
+    out: str | os.PathLike,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> FuseResult:
+    """`morphkit lora fuse`: bake LoRAs (`"path:weight"` or (path, weight)) into `model` and write a single-file
+    checkpoint in the original SD layout (A1111, ComfyUI, civitai; and `--model` here).
+
+    The sum is done in fp32 on the CPU; `dtype` (fp16, bf16 or fp32) is the precision of the file.
+    """
+    from .checkpoint import save_single_file
+    from .models import load_pipeline
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise LoRAError(f"Unknown --dtype {dtype!r} for the checkpoint; choose fp16, bf16 or fp32.")
+    out = check_can_write(out, overwrite, "checkpoint")
+    if out.suffix.lower() != ".safetensors":
+        raise LoRAError(f"The fused checkpoint is written as safetensors; name it *.safetensors, not {out.name}.")
+    pairs = [item if isinstance(item, tuple) else parse_lora_spec(item) for item in loras]
+    if not pairs:
+        raise LoRAError("Nothing to fuse: give at least one --lora FILE[:WEIGHT].")
+    files = [(path, read_lora_file(path, allow_pickle), float(w)) for path, w in pairs]
+    pipe = load_pipeline(model, device="cpu", dtype="fp32", allow_pickle=allow_pickle)
+    layers = {"unet": 0, "text_encoder": 0}
+    for path, lora, w in files:
+        check_fits(pipe.unet, lora, path)
+        layers["unet"] += fuse_into(pipe.unet, lora.part("unet"), w)
+        layers["text_encoder"] += fuse_into(pipe.text_encoder, lora.part("text_encoder"), w)
+    meta = {"morphkit.fused_from": str(model), "morphkit.fused_loras": json.dumps([[str(p), w] for p, _, w in files])}
+    save_single_file(pipe, out, dtypes[dtype], overwrite=overwrite, metadata=meta)
+    return FuseResult(out, layers)

@@ -20,9 +20,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .errors import ConfigError, ModelNotFoundError
-from .tiny import TINY_NAME, tiny_controlnet_path, tiny_model_path
+from .tiny import TINY_NAME, TINY_UNET_CHANNELS, tiny_controlnet_path, tiny_model_path
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNET = "lllyasviel/sd-controlnet-canny"
@@ -153,6 +154,20 @@ def _from_folder(cls, folder: Path, kwargs: dict):
         raise ModelNotFoundError(f"The diffusers folder {folder} could not be loaded: {_one_line(e)}") from None
 
 
+def _single_file_config(path: Path) -> Path:
+    """The shipped config folder that fits a single-file checkpoint: SD 1.5, or the tiny model's (as written by
+    `morphkit lora fuse --model tiny`), told apart by the width of the UNet's first convolution."""
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                key = "model.diffusion_model.input_blocks.0.0.weight"
+                if key in f.keys() and f.get_slice(key).get_shape()[0] == TINY_UNET_CHANNELS[0]:
+                    return tiny_model_path()
+        except Exception:
+            pass  # diffusers gives the better message about a broken file
+    return SD15_CONFIG
+
+
 def _from_single_file(cls, path: Path, kwargs: dict, allow_pickle: bool):
     check_pickle_allowed(path, allow_pickle)
     if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
@@ -162,7 +177,7 @@ def _from_single_file(cls, path: Path, kwargs: dict, allow_pickle: bool):
     try:
         # `config` must be a str: the component loaders reject a Path. Passing a config folder makes
         # diffusers read every component config from it and ask no hub.
-        pipe = cls.from_single_file(str(path), config=str(SD15_CONFIG), local_files_only=True, **kwargs)
+        pipe = cls.from_single_file(str(path), config=str(_single_file_config(path)), local_files_only=True, **kwargs)
     except Exception as e:
         raise ModelNotFoundError(
             f"The single-file checkpoint {path} could not be loaded as Stable Diffusion 1.x: {_one_line(e)}. "

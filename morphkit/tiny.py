@@ -26,6 +26,7 @@ TINY_NAME = "tiny"
 TINY_VERSION = "tiny-v1"
 TINY_SEED = 0
 TINY_RESOLUTION = 64
+TINY_UNET_CHANNELS = (32, 64)  # its first width also tells a tiny single-file checkpoint from SD 1.5's 320
 
 # A handful of merges so that common words become single tokens; the rest falls back to bytes.
 _MERGES = [
@@ -97,7 +98,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = TINY_SEED) -> Pat
         sample_size=TINY_RESOLUTION // 8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=TINY_UNET_CHANNELS,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

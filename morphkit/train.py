@@ -194,6 +194,7 @@ class TrainResult:
     losses: list[float]
     output_dir: Path | None = None
     resumed_from: int = 0
+    lora_paths: list[Path] = dataclasses.field(default_factory=list)  # every file written (`--format both`: two)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +496,7 @@ def train_lora(
     overwrite: bool = False,
     resume: bool = False,
     allow_pickle: bool = False,
+    lora_format: str = "kohya",
     pipe=None,
     progress: bool = True,
     **settings,
@@ -504,6 +506,8 @@ def train_lora(
     Settings are the fields of `TrainSettings`, taken from `config` (JSON or TOML) and then from
     the keyword arguments. Writes into `output_dir` (default `outputs/lora/<name>`):
     `<name>.safetensors`, `train_log.jsonl`, `train_settings.json` and `checkpoints/step-N/`.
+    `lora_format` is `kohya` (the default: loads in A1111, ComfyUI, diffusers and morphkit), `diffusers`,
+    or `both` (`<name>.safetensors` in kohya format and `<name>.diffusers.safetensors`).
     Pass a loaded `pipe` to reuse it; the trained adapter is then left active in `pipe.unet`.
     """
     s = TrainSettings.resolve(config, data=None if data is None else str(data), prompt=prompt, model=model,
@@ -511,7 +515,12 @@ def train_lora(
     examples = load_examples(s.data, s.prompt)
     name = s.name or Path(s.data).stem or "lora"
     out = Path(s.output_dir or Path("outputs") / "lora" / name)
+    if lora_format not in ("kohya", "diffusers", "both"):
+        raise ConfigError(f"Unknown LoRA format {lora_format!r}; choose kohya, diffusers or both.")
     lora_path = out / f"{name}.safetensors"
+    files = {lora_path: "diffusers" if lora_format == "diffusers" else "kohya"}
+    if lora_format == "both":
+        files[out / f"{name}.diffusers.safetensors"] = "diffusers"
     checkpoints = out / "checkpoints"
     log_path = out / "train_log.jsonl"
 
@@ -519,8 +528,9 @@ def train_lora(
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"The output folder {out} is a file.")
     found = list_checkpoints(checkpoints)
-    if lora_path.exists() and not overwrite and not (resume and found):  # resuming continues, then replaces it
-        raise OutputExistsError(f"The LoRA {lora_path} already exists. Pass --overwrite to replace it, or --name / "
+    existing = [p for p in files if p.exists()]
+    if existing and not overwrite and not (resume and found):  # resuming continues, then replaces it
+        raise OutputExistsError(f"The LoRA {existing[0]} already exists. Pass --overwrite to replace it, or --name / "
                                 "--output-dir for a new one.")
     if found and not (resume or overwrite):
         raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run. Pass --resume to continue it, or "
@@ -574,8 +584,12 @@ def train_lora(
         "data_hash": digest,
         "settings": json.dumps(dataclasses.asdict(s), sort_keys=True),
     }
-    save_lora(lora_path, lora_state_dict(pipe.unet), adapter_metadata(pipe.unet), info, overwrite=True)
-    result.lora_path, result.output_dir = lora_path, out
+    info["name"], info["num_images"], info["learning_rate"] = name, len(examples), s.learning_rate
+    info["lr_scheduler"], info["noise_offset"] = s.lr_scheduler, s.noise_offset
+    state, peft_config = lora_state_dict(pipe.unet), adapter_metadata(pipe.unet)
+    for path, fmt in files.items():
+        save_lora(path, state, peft_config, info, overwrite=True, format=fmt)
+    result.lora_path, result.lora_paths, result.output_dir = lora_path, list(files), out
     return result
 
 

@@ -9,6 +9,7 @@ import morphkit
 from morphkit import train as train_module
 from morphkit.data import load_examples
 from morphkit.lora import load_lora
+from morphkit.lora_files import read_lora_file
 from morphkit.train import TrainSettings, diffusion_loss, encode_examples, fit_lora, lr_at, rng
 from tests.conftest import REPO, unet_probe
 
@@ -39,12 +40,13 @@ def test_loss_falls_and_lora_changes_the_unet(tiny_pipe, photo):
     assert (unet_probe(tiny_pipe.unet) - before_out).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("alpha", [None, 4.0])
-def test_saved_lora_loads_in_stock_diffusers_and_reproduces_the_model(tiny_pipe, tiny_path, photo, tmp_path, alpha):
+@pytest.mark.parametrize("alpha,fmt", [(None, "kohya"), (4.0, "kohya"), (4.0, "diffusers")])
+def test_saved_lora_loads_in_stock_diffusers_and_reproduces_the_model(tiny_pipe, tiny_path, photo, tmp_path, alpha, fmt):
     from diffusers import StableDiffusionPipeline
 
     result = morphkit.train_lora(photo, "a photo", model="tiny", steps=30, learning_rate=5e-3, rank=8, alpha=alpha,
-                                 output_dir=tmp_path / "out", pipe=tiny_pipe, progress=False)
+                                 output_dir=tmp_path / "out", pipe=tiny_pipe, progress=False, lora_format=fmt)
+    assert read_lora_file(result.lora_path).format == fmt
     trained = unet_probe(tiny_pipe.unet)
 
     fresh = StableDiffusionPipeline.from_pretrained(tiny_path, safety_checker=None, requires_safety_checker=False)
@@ -64,6 +66,22 @@ def test_saved_lora_loads_in_stock_diffusers_and_reproduces_the_model(tiny_pipe,
     for key in ["base_model", "targets", "steps", "resolution", "seed", "data_hash", "version"]:
         assert f"morphkit.{key}" in meta
     assert meta["morphkit.base_model"] == "tiny" and meta["morphkit.steps"] == "30"
+    if fmt == "kohya":  # the training notes A1111 and civitai show
+        assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == str(int(alpha or 8))
+        assert meta["ss_max_train_steps"] == "30" and meta["ss_sd_model_name"] == "tiny"
+
+
+def test_format_both_writes_two_files_with_the_same_factors(tiny_pipe, photo, tmp_path):
+    result = morphkit.train_lora(photo, "a photo", model="tiny", steps=2, output_dir=tmp_path, pipe=tiny_pipe,
+                                 progress=False, lora_format="both")
+    kohya, diffusers = result.lora_paths
+    assert kohya.name == "photo.safetensors" and diffusers.name == "photo.diffusers.safetensors"
+    a, b = read_lora_file(kohya), read_lora_file(diffusers)
+    assert (a.format, b.format) == ("kohya", "diffusers")
+    assert all(torch.equal(a.modules[k].up, b.modules[k].up) and a.modules[k].alpha == b.modules[k].alpha
+               for k in a.modules)
+    with pytest.raises(morphkit.ConfigError, match="kohya, diffusers or both"):
+        morphkit.train_lora(photo, "a photo", model="tiny", steps=2, output_dir=tmp_path / "x", lora_format="ckpt")
 
 
 def test_interrupted_run_resumes_to_the_same_lora(photo, tmp_path, monkeypatch):

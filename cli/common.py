@@ -1,0 +1,44 @@
+"""What every `morphkit` command shares: option help texts and the error-to-exit-code wrapper."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+MODEL_HELP = (
+    "Base model: a hub id (used from the local Hugging Face cache when there), a local diffusers folder, "
+    "a single-file SD 1.5 .safetensors checkpoint, or 'tiny' (built-in test model)."
+)
+
+
+DTYPE_HELP = "auto, fp32, fp16 or bf16. [default: bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU and MPS]"
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def call(fn, *args, **kwargs):
+    """Run an API function; turn morphkit's errors and Ctrl-C into a message and an exit code."""
+    from morphkit.errors import MorphkitError
+
+    try:
+        return fn(*args, **kwargs)
+    except MorphkitError as e:
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        fail("Interrupted. Files already written are complete; a training run continues from its last "
+             "checkpoint with --resume.", 130)
+    except MemoryError:
+        fail("Out of memory. Try a smaller --resolution or --batch-size, or --gradient-checkpointing.", 1)
+    except Exception as e:  # a bug in morphkit or below it: still one paragraph, with a way to the details
+        if "out of memory" in str(e).lower():
+            fail("The GPU ran out of memory. Try a smaller --resolution or --batch-size, --gradient-checkpointing, "
+                 "or --mixed-precision fp16/bf16.", 1)
+        if os.environ.get("MORPHKIT_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        fail(f"Unexpected {type(e).__name__}: {first}. This is probably a bug in morphkit; run again with "
+             "MORPHKIT_DEBUG=1 for the full traceback and report it.", 1)

@@ -1,0 +1,323 @@
+"""LoRA files: kohya <-> diffusers, `morphkit lora info/convert/mix/fuse`, and reading strangers' files safely."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import morphkit
+from cli.main import app
+from morphkit.errors import LoRAError
+from morphkit.lora import (
+    LoraShape,
+    adapter_metadata,
+    adapter_weights,
+    add_lora,
+    fuse_lora,
+    load_lora,
+    lora_state_dict,
+    save_lora,
+)
+from morphkit.lora_files import (
+    convert_lora,
+    kohya_module_name,
+    lora_info,
+    mix_loras,
+    module_from_kohya,
+    read_lora_file,
+)
+from tests.conftest import unet_probe
+
+runner = CliRunner()
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def random_lora(pipe, path, seed=0, rank=4, alpha=2.0, targets=TARGETS, fmt="diffusers", name="made"):
+    """A LoRA with random non-zero factors on `pipe.unet`, saved to `path`; the adapter is removed again."""
+    add_lora(pipe.unet, LoraShape(rank=rank, alpha=alpha, targets=targets), name)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in pipe.unet.named_parameters():
+        if f".{name}." in n and "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+    save_lora(path, lora_state_dict(pipe.unet, name), adapter_metadata(pipe.unet, name), {"steps": 1}, format=fmt)
+    pipe.unet.delete_adapters(name)
+    return path
+
+
+def probe_with(pipe, path, weight=1.0, name="probe"):
+    load_lora(pipe.unet, path, name)
+    with adapter_weights(pipe.unet, {name: weight}):
+        out = unet_probe(pipe.unet)
+    pipe.unet.delete_adapters(name)
+    return out
+
+
+# ---- kohya names --------------------------------------------------------------------------
+
+def expected_tiny_kohya_modules():
+    """Written out by hand from the tiny UNet's structure: one transformer block in down block 1 and in
+    the mid block, two in up block 0 (layers_per_block + 1)."""
+    blocks = ["down_blocks_1_attentions_0", "mid_block_attentions_0", "up_blocks_0_attentions_0",
+              "up_blocks_0_attentions_1"]
+    return {f"lora_unet_{b}_transformer_blocks_0_{attn}_{proj}" for b in blocks for attn in ("attn1", "attn2")
+            for proj in ("to_q", "to_k", "to_v", "to_out_0")}
+
+
+def test_kohya_file_has_exactly_the_expected_keys_and_alpha(tiny_pipe, tmp_path):
+    path = random_lora(tiny_pipe, tmp_path / "k.safetensors", rank=4, alpha=2.0, fmt="kohya")
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alphas = {k: f.get_tensor(k) for k in keys if k.endswith(".alpha")}
+    modules = expected_tiny_kohya_modules()
+    assert keys == {f"{m}.{leaf}" for m in modules for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert all(a.shape == () and a.item() == 2.0 for a in alphas.values())  # strength alpha/rank = 0.5
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+
+
+def test_kohya_names_for_every_layer_of_full_size_sd15():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from morphkit.models import SD15_CONFIG
+
+    with torch.device("meta"):  # the full-size architecture, never run
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG), subfolder="unet"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(str(SD15_CONFIG), subfolder="text_encoder"))
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert kohya_module_name("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") == \
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert kohya_module_name("unet.up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj") == \
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj"
+    attention = [n for n in names if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    assert len(attention) == 16 * 2 * 4  # 16 transformer blocks, attn1 + attn2, four projections
+    for name in names:
+        assert module_from_kohya(kohya_module_name("unet." + name)) == "unet." + name
+    for name, m in te.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            full = "text_encoder.text_model." + name.removeprefix("text_model.")
+            assert module_from_kohya(kohya_module_name(full)) == full
+    assert kohya_module_name("text_encoder.text_model.encoder.layers.11.self_attn.q_proj") == \
+        "lora_te_text_model_encoder_layers_11_self_attn_q_proj"
+
+
+# ---- convert ------------------------------------------------------------------------------
+
+def test_diffusers_kohya_diffusers_is_exact_and_both_act_the_same(tiny_pipe, tmp_path):
+    src = random_lora(tiny_pipe, tmp_path / "d.safetensors", rank=4, alpha=3.0,
+                      targets=("to_q", "to_v", "proj_in", "ff.net.0.proj"))
+    kohya = convert_lora(src, tmp_path / "k.safetensors", to="kohya")
+    back = convert_lora(kohya, tmp_path / "d2.safetensors", to="diffusers")
+    with safe_open(str(src), "pt") as a, safe_open(str(back), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    assert read_lora_file(kohya).format == "kohya" and read_lora_file(back).format == "diffusers"
+
+    out_d, out_k = probe_with(tiny_pipe, src), probe_with(tiny_pipe, kohya)
+    assert torch.equal(out_d, out_k)
+    assert (out_d - unet_probe(tiny_pipe.unet)).abs().max() > 1e-3
+
+    # and stock diffusers reads the kohya file to the same effect (alpha 3 on rank 4 included)
+    from diffusers import StableDiffusionPipeline
+
+    fresh = StableDiffusionPipeline.from_pretrained(morphkit.tiny.tiny_model_path(), safety_checker=None,
+                                                    requires_safety_checker=False)
+    fresh.load_lora_weights(str(kohya))
+    assert (unet_probe(fresh.unet) - out_d).abs().max() < 1e-5
+
+
+def test_convert_cli_and_info(tiny_pipe, tmp_path):
+    src = random_lora(tiny_pipe, tmp_path / "d.safetensors", rank=4, alpha=4.0)
+    dst = tmp_path / "k.safetensors"
+    result = runner.invoke(app, ["lora", "convert", str(src), str(dst), "--to", "kohya"])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["lora", "convert", str(src), str(dst), "--to", "kohya"])
+    assert again.exit_code == 4 and "--overwrite" in again.output
+
+    report = lora_info(dst)
+    assert report["format"] == "kohya" and report["unet_modules"] == 32 and report["text_encoder_modules"] == 0
+    assert report["ranks"] == {4: 32} and report["alphas"] == {4.0: 32}
+    assert report["targets"]["unet attn1.to_q"] == 4 and report["base"].startswith("unknown")  # tiny: width 32
+    shown = runner.invoke(app, ["lora", "info", str(dst)])
+    assert shown.exit_code == 0 and "kohya" in shown.output and "ss_network_dim: 4" in shown.output
+    as_json = json.loads(runner.invoke(app, ["lora", "info", str(dst), "--json"]).output)
+    assert as_json["modules"] == 32
+
+
+def test_info_names_the_base_architecture(tmp_path):
+    def kohya(path, width, extra=()):
+        down = torch.zeros(4, width)
+        t = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": down,
+             "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4),
+             "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(4.0)}
+        for key in extra:
+            t[key] = torch.zeros(4, 4) if "down" in key else torch.zeros(4, 4)
+        save_file(t, str(path))
+        return path
+
+    assert lora_info(kohya(tmp_path / "a.safetensors", 768))["base"] == "SD 1.x"
+    assert lora_info(kohya(tmp_path / "b.safetensors", 1024))["base"] == "SD 2.x"
+    xl = kohya(tmp_path / "c.safetensors", 2048, ["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+                                                   "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"])
+    assert lora_info(xl)["base"] == "SDXL" and lora_info(xl)["text_encoder_modules"] == 1
+
+
+# ---- mix ----------------------------------------------------------------------------------
+
+def test_mix_by_concatenation_equals_set_adapters_blend(tiny_pipe, tmp_path):
+    a = random_lora(tiny_pipe, tmp_path / "a.safetensors", seed=1, rank=4, alpha=2.0)
+    b = random_lora(tiny_pipe, tmp_path / "b.safetensors", seed=2, rank=8, alpha=8.0,
+                    targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.2"), fmt="kohya")
+    result = mix_loras([f"{a}:0.7", f"{b}:0.4"], tmp_path / "ab.safetensors")
+    assert {m.rank for m in result.lora.modules.values()} == {12, 8}  # ff.net.2 only in b
+    load_lora(tiny_pipe.unet, a, "a")
+    load_lora(tiny_pipe.unet, b, "b")
+    with adapter_weights(tiny_pipe.unet, {"a": 0.7, "b": 0.4}):
+        blended = unet_probe(tiny_pipe.unet)
+    tiny_pipe.unet.delete_adapters(["a", "b"])
+    mixed = probe_with(tiny_pipe, tmp_path / "ab.safetensors")
+    assert (mixed - blended).abs().max() < 1e-5
+    assert (mixed - unet_probe(tiny_pipe.unet)).abs().max() > 1e-3
+
+
+def test_mix_reduced_by_svd_reports_what_it_loses(tiny_pipe, tmp_path):
+    a = random_lora(tiny_pipe, tmp_path / "a.safetensors", seed=1, rank=4)
+    b = random_lora(tiny_pipe, tmp_path / "b.safetensors", seed=2, rank=4)
+    full = mix_loras([f"{a}:0.5", f"{b}:0.5"], tmp_path / "full.safetensors")
+    exact = mix_loras([f"{a}:0.5", f"{b}:0.5"], tmp_path / "r8.safetensors", rank=8)  # rank 8 holds it all
+    small = mix_loras([f"{a}:0.5", f"{b}:0.5"], tmp_path / "r2.safetensors", rank=2)
+    assert exact.lost_energy < 1e-6 and 0.05 < small.lost_energy < 0.95
+    assert {m.rank for m in small.lora.modules.values()} == {2}
+    for name, m in full.lora.modules.items():
+        assert torch.allclose(exact.lora.modules[name].delta(), m.delta(), atol=1e-6)
+        # the rank-2 update is the best one: its error is exactly the dropped singular values
+        s = torch.linalg.svdvals(m.delta())
+        err = (small.lora.modules[name].delta() - m.delta()).norm()
+        assert torch.isclose(err, s[2:].norm(), rtol=1e-3, atol=1e-7)
+    cli = runner.invoke(app, ["lora", "mix", f"{a}:0.5", f"{b}:0.5", "--out", str(tmp_path / "c.safetensors"),
+                              "--rank", "2"])
+    assert cli.exit_code == 0 and "kept" in cli.output, cli.output
+
+
+def test_mix_refuses_loras_of_different_models(tiny_pipe, tmp_path):
+    a = random_lora(tiny_pipe, tmp_path / "a.safetensors")
+    t = {k: v for k, v in read_lora_file(a).modules.items()}
+    name = next(iter(t))
+    bad = {f"{kohya_module_name(name)}.lora_down.weight": torch.ones(4, 7),
+           f"{kohya_module_name(name)}.lora_up.weight": torch.ones(t[name].up.shape[0], 4)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(LoRAError, match="different models"):
+        mix_loras([str(a), str(tmp_path / "bad.safetensors")], tmp_path / "m.safetensors")
+
+
+# ---- fuse ---------------------------------------------------------------------------------
+
+def test_fuse_gives_a_single_file_model_equal_to_base_plus_lora(tiny_pipe, tmp_path):
+    lora = random_lora(tiny_pipe, tmp_path / "a.safetensors", rank=4, alpha=2.0, fmt="kohya")
+    expected = probe_with(tiny_pipe, lora, weight=0.8)
+    result = runner.invoke(app, ["lora", "fuse", "--model", "tiny", "--lora", f"{lora}:0.8", "--out",
+                                 str(tmp_path / "fused.safetensors"), "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "fused.safetensors"), "pt") as f:  # the original SD layout, as A1111 reads it
+        keys = set(f.keys())
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "first_stage_model.decoder.mid.attn_1.q.weight" in keys
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
+    fused = morphkit.load_pipeline(str(tmp_path / "fused.safetensors"), device="cpu")  # diffusers' from_single_file
+    assert (unet_probe(fused.unet) - expected).abs().max() < 1e-5
+    for part in ("vae", "text_encoder"):
+        ours, base = getattr(fused, part).state_dict(), getattr(tiny_pipe, part).state_dict()
+        assert all(torch.equal(ours[k], base[k]) for k in base)
+
+
+def test_fuse_refuses_what_it_cannot_do(tiny_pipe, tmp_path):
+    lora = random_lora(tiny_pipe, tmp_path / "a.safetensors")
+    with pytest.raises(LoRAError, match="safetensors"):
+        fuse_lora("tiny", [str(lora)], tmp_path / "fused.ckpt")
+    with pytest.raises(LoRAError, match="fp16, bf16 or fp32"):
+        fuse_lora("tiny", [str(lora)], tmp_path / "fused.safetensors", dtype="int8")
+
+
+# ---- reading safely -----------------------------------------------------------------------
+
+class _Marker:
+    """Unpickling this object runs code: it creates a marker file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_crafted_pickle_never_runs(tiny_pipe, tmp_path, suffix):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / f"evil{suffix}"
+    with open(evil, "wb") as f:
+        pickle.dump({"lora_unet_x.lora_down.weight": _Marker(marker)}, f)
+    with pytest.raises(LoRAError) as refused:
+        load_lora(tiny_pipe.unet, evil, "evil")
+    assert "pickle" in str(refused.value)
+    with pytest.raises(LoRAError):
+        load_lora(tiny_pipe.unet, evil, "evil", allow_pickle=True)  # weights_only=True refuses the object
+    result = runner.invoke(app, ["lora", "info", str(evil), "--allow-pickle"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not marker.exists()
+
+
+def test_pickle_with_only_tensors_loads_when_allowed(tiny_pipe, tmp_path):
+    lora = random_lora(tiny_pipe, tmp_path / "a.safetensors")
+    with safe_open(str(lora), "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, tmp_path / "a.pt")
+    with pytest.raises(LoRAError, match="--allow-pickle"):
+        read_lora_file(tmp_path / "a.pt")
+    assert len(read_lora_file(tmp_path / "a.pt", allow_pickle=True).modules) == 32
+
+
+def test_broken_files_are_rejected_with_clear_messages(tiny_pipe, tmp_path):
+    good = random_lora(tiny_pipe, tmp_path / "a.safetensors")
+    with safe_open(str(good), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    key = sorted(tensors)[0]
+    nan = dict(tensors, **{key: tensors[key].clone().fill_(float("nan"))})
+    save_file(nan, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(LoRAError, match="NaN"):
+        load_lora(tiny_pipe.unet, tmp_path / "nan.safetensors", "x")
+
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(LoRAError, match="truncated"):
+        load_lora(tiny_pipe.unet, tmp_path / "cut.safetensors", "x")
+
+    (tmp_path / "photo.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(LoRAError, match="image"):
+        read_lora_file(tmp_path / "photo.safetensors")
+
+    up_key = next(k for k in tensors if "lora_B" in k)
+    wrong = dict(tensors, **{up_key: torch.zeros(tensors[up_key].shape[0], 3)})
+    save_file(wrong, str(tmp_path / "rank.safetensors"), metadata=meta)
+    with pytest.raises(LoRAError, match="contradict"):
+        read_lora_file(tmp_path / "rank.safetensors")
+    assert "pt" == meta["format"] and os.path.getsize(good) > 0
+
+
+def test_lora_for_another_architecture_is_refused(tiny_pipe, tmp_path):
+    xl = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(640, 4)}
+    save_file(xl, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(LoRAError, match="SDXL"):
+        load_lora(tiny_pipe.unet, tmp_path / "xl.safetensors", "x")
+    sd15 = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(64, 4)}
+    save_file(sd15, str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(LoRAError, match="SD 1.x") as wrong:
+        load_lora(tiny_pipe.unet, tmp_path / "sd15.safetensors", "x")
+    assert "(4, 768)" in str(wrong.value)
