@@ -197,7 +197,7 @@ def invert(
     if "inverted" in getattr(pipe.unet, "peft_config", {}):
         pipe.unet.delete_adapters("inverted")
     if lora is not None:
-        load_lora(pipe.unet, lora, "inverted")
+        load_lora(pipe.unet, lora, "inverted", allow_pickle=allow_pickle)
     model_fn = eps_model(pipe.unet, embeds, prediction_type=pipe.scheduler.config.prediction_type,
                          alphas_cumprod=pipe.scheduler.alphas_cumprod)
     try:  # under this LoRA alone, or the base model alone: never under adapters a reused `pipe` holds

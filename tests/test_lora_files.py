@@ -321,3 +321,26 @@ def test_lora_for_another_architecture_is_refused(tiny_pipe, tmp_path):
     with pytest.raises(LoRAError, match="SD 1.x") as wrong:
         load_lora(tiny_pipe.unet, tmp_path / "sd15.safetensors", "x")
     assert "(4, 768)" in str(wrong.value)
+
+
+def test_single_file_layout_of_full_size_sd15_round_trips_through_diffusers():
+    """The LDM names written by `lora fuse` for the full-size SD 1.5 UNet and VAE are exactly the ones
+    diffusers' own single-file converter reads back (built on the meta device, never run)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils
+
+    from morphkit.checkpoint import unet_to_ldm, vae_to_ldm
+    from morphkit.models import SD15_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG), subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SD15_CONFIG), subfolder="vae"))
+    ldm_unet = unet_to_ldm(unet.state_dict(), unet.config)
+    assert "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight" in ldm_unet
+    assert "model.diffusion_model.input_blocks.9.0.op.weight" in ldm_unet  # the third downsampler
+    assert "model.diffusion_model.input_blocks.12.0.op.weight" not in ldm_unet  # the last block has none
+    back = single_file_utils.convert_ldm_unet_checkpoint(ldm_unet, unet.config)
+    assert set(back) == set(unet.state_dict())
+    ldm_vae = vae_to_ldm(vae.state_dict(), vae.config)
+    assert set(single_file_utils.convert_ldm_vae_checkpoint(ldm_vae, vae.config)) == set(vae.state_dict())
+    assert single_file_utils.infer_diffusers_model_type(ldm_unet) == "v1"
