@@ -209,8 +209,10 @@ def morph(
 
 # Command groups that live in their own modules.
 from cli import lora as _lora_cli  # noqa: E402
+from cli.stylize import stylize as _stylize  # noqa: E402
 
 app.add_typer(_lora_cli.app, name="lora")
+app.command(name="stylize")(_stylize)
 
 
 def main():

@@ -7,6 +7,7 @@ from .images import load_image  # noqa: E402
 from .inversion import InversionResult, invert  # noqa: E402
 from .models import load_controlnet, load_pipeline  # noqa: E402
 from .morph import MorphResult, morph  # noqa: E402
+from .stylize import Stylized, StylizeResult, stylize  # noqa: E402
 from .train import TrainResult, TrainSettings, train_lora  # noqa: E402
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "OutputExistsError",
     "InversionResult",
     "MorphResult",
+    "Stylized",
+    "StylizeResult",
     "TrainResult",
     "TrainSettings",
     "load_controlnet",
@@ -26,5 +29,6 @@ __all__ = [
     "invert",
     "load_pipeline",
     "morph",
+    "stylize",
     "train_lora",
 ]

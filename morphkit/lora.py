@@ -256,7 +256,7 @@ def parse_lora_spec(spec: str | os.PathLike, default_weight: float = 1.0) -> tup
     return Path(text), default_weight
 
 
-def load_loras(pipe, loras, prefix: str = "lora") -> dict[str, float]:
+def load_loras(pipe, loras, prefix: str = "lora", allow_pickle: bool = False) -> dict[str, float]:
     """Load several LoRA files into `pipe` as adapters `lora0`, `lora1`, ...; returns {adapter name: weight}.
 
     `loras` holds paths, `"path:weight"` strings or (path, weight) pairs. Use the result with
@@ -268,7 +268,7 @@ def load_loras(pipe, loras, prefix: str = "lora") -> dict[str, float]:
         name = f"{prefix}{i}"
         if name in getattr(pipe.unet, "peft_config", {}):
             pipe.unet.delete_adapters(name)
-        load_lora(pipe.unet, path, name)
+        load_lora(pipe.unet, path, name, allow_pickle=allow_pickle)
         weights[name] = float(weight)
     return weights
 

@@ -28,6 +28,7 @@ from .tiny import TINY_NAME, TINY_UNET_CHANNELS, tiny_controlnet_path, tiny_mode
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNET = "lllyasviel/sd-controlnet-canny"
 SD15_CONFIG = Path(__file__).parent / "configs" / "sd15"
+SD15_CONTROLNET_CONFIG = Path(__file__).parent / "configs" / "sd15-controlnet"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -216,8 +217,14 @@ def load_controlnet(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
+    config: str | os.PathLike | None = None,
 ):
-    """Load a ControlNet from a hub id, a local folder, a single file, or `tiny`."""
+    """Load a ControlNet from a hub id, a local folder, a single file, or `tiny`.
+
+    A single file (diffusers keys, or the original lllyasviel/A1111 layout) is read with the architecture
+    in `config`, a folder holding a ControlNet `config.json`; by default SD 1.5's, shipped in
+    `morphkit/configs/sd15-controlnet`, so that no hub is asked.
+    """
     _quiet_loading()
     from diffusers import ControlNetModel
 
@@ -235,12 +242,24 @@ def load_controlnet(
             raise ModelNotFoundError(f"The ControlNet folder {path} could not be loaded: {_one_line(e)}") from None
     elif path.is_file():
         check_pickle_allowed(path, allow_pickle, "ControlNet")
+        if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
+            raise ModelNotFoundError(f"{path} is not a ControlNet morphkit can load: a single-file ControlNet must be "
+                                     "a .safetensors file.")
+        config = str(config or SD15_CONTROLNET_CONFIG)
         try:
-            net = ControlNetModel.from_single_file(str(path), local_files_only=True, **kwargs)
+            net = ControlNetModel.from_single_file(str(path), config=config, local_files_only=True, **kwargs)
         except Exception as e:
-            raise ModelNotFoundError(f"The ControlNet file {path} could not be loaded: {_one_line(e)}") from None
+            reason = _one_line(e).rstrip(".")
+            raise ModelNotFoundError(
+                f"The ControlNet file {path} could not be loaded with the architecture in {config}: {reason}. "
+                "A single-file ControlNet must be an SD 1.5 ControlNet (such as control_v11p_sd15_canny); for "
+                "another architecture, pass the folder that holds its config.json and weights."
+            ) from None
     elif not _is_hub_id(str(controlnet)):
-        raise ModelNotFoundError(f"The ControlNet {controlnet} does not exist.")
+        raise ModelNotFoundError(
+            f"The ControlNet {controlnet} does not exist. --controlnet takes a hub id (like {DEFAULT_CONTROLNET}), "
+            "a local diffusers folder, a single-file .safetensors ControlNet, or 'tiny' (the built-in test model's)."
+        )
     else:
         net = _from_hub(ControlNetModel, str(controlnet), kwargs)
     return net.to(device)
