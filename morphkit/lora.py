@@ -273,6 +273,32 @@ def load_loras(pipe, loras, prefix: str = "lora", allow_pickle: bool = False) ->
     return weights
 
 
+@contextlib.contextmanager
+def text_encoder_loras(text_encoder, loras: list[tuple[LoraFile, float]]):
+    """Apply the text-encoder parts of `loras` (each at its weight) for the duration of the block.
+
+    The text encoder runs once per prompt, so its LoRA is added to the weights (`W + w * alpha/r * B @ A`,
+    the same numbers a LoRA layer computes) rather than wrapped in adapter layers; the original
+    weights are put back, bit for bit, on the way out. LoRAs without a text-encoder part change nothing.
+    """
+    parts = [(lora.part("text_encoder"), w) for lora, w in loras if lora.part("text_encoder") and w != 0]
+    layers = dict(text_encoder.named_modules())
+    saved = {}
+    for modules, _ in parts:
+        for name in modules:
+            layer = layers.get(name) or layers.get(name.removeprefix("text_model."))
+            if layer is not None and name not in saved:
+                saved[name] = (layer, layer.weight.detach().clone())
+    try:
+        for modules, w in parts:
+            fuse_into(text_encoder, modules, w)
+        yield len(saved)
+    finally:
+        with torch.no_grad():
+            for layer, weight in saved.values():
+                layer.weight.copy_(weight)
+
+
 def fuse_into(model, modules: dict[str, LoraModule], weight: float) -> int:
     """Add `weight` x each module's update to `model`'s weights in place (`W += weight * alpha/r * B @ A`).
 

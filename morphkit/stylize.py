@@ -25,7 +25,8 @@ from PIL import Image
 from .errors import ConfigError, InputError, MorphkitError, OutputExistsError
 from .images import check_resolution, list_images, open_image, resize_to_policy, save_image
 from .inversion import check_steps
-from .lora import adapter_weights, load_loras, parse_lora_spec
+from .lora import adapter_weights, load_loras, parse_lora_spec, text_encoder_loras
+from .lora_files import read_lora_file
 from .models import DEFAULT_CONTROLNET, DEFAULT_MODEL, encode_image, load_controlnet, load_pipeline
 from .tiny import TINY_NAME
 
@@ -253,8 +254,6 @@ def check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed
 
 def check_lora_files(loras, allow_pickle: bool = False) -> list[tuple[Path, float]]:
     """`path` or `path:weight` specs -> (path, weight), each file read once so that a broken one fails early."""
-    from .lora_files import read_lora_file
-
     specs = []
     for item in loras:
         path, weight = item if isinstance(item, tuple) else parse_lora_spec(item)
@@ -358,7 +357,8 @@ def stylize(
     try:
         weights = load_loras(cn_pipe, specs, prefix=ADAPTER_PREFIX, allow_pickle=allow_pickle)
         weights = {name: w * lora_scale for name, w in weights.items()}
-        with adapter_weights(unet, weights):
+        lora_files = [(read_lora_file(path, allow_pickle), w * lora_scale) for path, w in specs]
+        with adapter_weights(unet, weights), text_encoder_loras(cn_pipe.text_encoder, lora_files):
             # 4. each image: size policy, edges, img2img, files
             for file in tqdm(todo, desc="stylizing", unit="image", disable=not progress):
                 try:

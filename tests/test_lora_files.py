@@ -344,3 +344,41 @@ def test_single_file_layout_of_full_size_sd15_round_trips_through_diffusers():
     ldm_vae = vae_to_ldm(vae.state_dict(), vae.config)
     assert set(single_file_utils.convert_ldm_vae_checkpoint(ldm_vae, vae.config)) == set(vae.state_dict())
     assert single_file_utils.infer_diffusers_model_type(ldm_unet) == "v1"
+
+
+def test_text_encoder_part_acts_as_in_stock_diffusers_and_is_undone(tiny_pipe, tmp_path):
+    """A kohya LoRA with a text-encoder part (as civitai files have): morphkit's fused-for-the-call text
+    encoder gives the prompt embedding stock diffusers gives with its adapter layers, and the weights
+    come back bit for bit afterwards."""
+    from diffusers import StableDiffusionPipeline
+
+    from morphkit.lora import text_encoder_loras
+    from morphkit.models import encode_prompt
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj", "out_proj"):
+            key = f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}"
+            tensors[f"{key}.lora_down.weight"] = torch.randn(4, 32, generator=g) * 0.3
+            tensors[f"{key}.lora_up.weight"] = torch.randn(32, 4, generator=g) * 0.3
+            tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    unet_part = random_lora(tiny_pipe, tmp_path / "u.safetensors", fmt="kohya")
+    with safe_open(str(unet_part), "pt") as f:
+        tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    save_file(tensors, str(tmp_path / "both.safetensors"))
+    lora = read_lora_file(tmp_path / "both.safetensors")
+    assert lora_info(tmp_path / "both.safetensors")["text_encoder_modules"] == 6
+
+    before = {k: v.clone() for k, v in tiny_pipe.text_encoder.state_dict().items()}
+    plain = encode_prompt(tiny_pipe, "a photo")
+    with text_encoder_loras(tiny_pipe.text_encoder, [(lora, 0.5)]) as changed:
+        ours = encode_prompt(tiny_pipe, "a photo")
+    assert changed == 6 and (ours - plain).abs().max() > 1e-3
+    assert all(torch.equal(v, before[k]) for k, v in tiny_pipe.text_encoder.state_dict().items())
+
+    stock = StableDiffusionPipeline.from_pretrained(morphkit.tiny.tiny_model_path(), safety_checker=None,
+                                                    requires_safety_checker=False)
+    stock.load_lora_weights(str(tmp_path / "both.safetensors"), adapter_name="x")
+    stock.set_adapters(["x"], [0.5])
+    assert (encode_prompt(stock, "a photo") - ours).abs().max() < 1e-5

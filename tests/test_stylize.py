@@ -113,6 +113,25 @@ def test_lora_scale_and_weights(photo, style_loras, cn_pipe):
     assert not getattr(cn_pipe.unet, "peft_config", {})  # the caller's pipeline is left without our adapters
 
 
+def test_text_encoder_part_of_a_lora_is_applied_and_undone(photo, style_loras, cn_pipe, tmp_path):
+    from morphkit.lora_files import convert_lora
+
+    kohya = convert_lora(style_loras[0], tmp_path / "unet_only.safetensors", to="kohya")
+    tensors = load_file(str(kohya))
+    g = torch.Generator().manual_seed(0)
+    for proj in ("q_proj", "k_proj", "v_proj"):  # a text-encoder part, as civitai LoRAs have
+        key = f"lora_te_text_model_encoder_layers_1_self_attn_{proj}"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, 32, generator=g)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(32, 4, generator=g)
+        tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(tmp_path / "with_te.safetensors"))
+    before = {k: v.clone() for k, v in cn_pipe.text_encoder.state_dict().items()}
+    unet_only = pixels(morphkit.stylize(photo, [kohya], pipe=cn_pipe, **FAST).images[0])
+    with_te = pixels(morphkit.stylize(photo, [tmp_path / "with_te.safetensors"], pipe=cn_pipe, **FAST).images[0])
+    assert np.abs(with_te - unet_only).mean() > 0.5
+    assert all(torch.equal(v, before[k]) for k, v in cn_pipe.text_encoder.state_dict().items())
+
+
 def test_diffusers_and_kohya_files_give_the_same_image(photo, style_loras, cn_pipe, tmp_path):
     from morphkit.lora_files import convert_lora
 
