@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .errors import ConfigError, InputError, LoRAError, ModelNotFoundError, MorphkitError, OutputExistsError  # noqa: E402
 from .images import load_image  # noqa: E402
 from .inversion import InversionResult, invert  # noqa: E402
+from .metrics import EvalResult, evaluate  # noqa: E402
 from .models import load_controlnet, load_pipeline  # noqa: E402
 from .morph import MorphResult, morph  # noqa: E402
 from .stylize import Stylized, StylizeResult, stylize  # noqa: E402
@@ -13,6 +14,7 @@ from .train import TrainResult, TrainSettings, train_lora  # noqa: E402
 __all__ = [
     "__version__",
     "ConfigError",
+    "EvalResult",
     "InputError",
     "LoRAError",
     "ModelNotFoundError",
@@ -24,6 +26,7 @@ __all__ = [
     "StylizeResult",
     "TrainResult",
     "TrainSettings",
+    "evaluate",
     "load_controlnet",
     "load_image",
     "invert",

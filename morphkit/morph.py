@@ -3,16 +3,35 @@
     image A ─► latent ─► LoRA "img0" fitted ─► DDIM inversion under img0 ─► noise A ─┐
     image B ─► latent ─► LoRA "img1" fitted ─► DDIM inversion under img1 ─► noise B ─┤
                                                                                      ▼
-    for each α:   noise = slerp(A, B, α)   prompt = lerp(eA, eB, α)   adapters = (1-α, α)
+    for each α:   noise = AdaIN(slerp(A, B, α))   prompt = lerp(eA, eB, α)   LoRAs blended at α
                   ─► DDIM sampling, several frames per UNet call ─► VAE decode ─► frame
+    then (even pacing) measure the distance between neighbours, move α so that the steps are equal,
+    and render again only the frames whose α moved.
 
-The numeric pieces (`slerp`, `lerp`, `alpha_schedule`) are functions of tensors; `morph` is the
-whole job with caching, progress and files.
+DiffMorpher's three refinements, each switchable:
+
+- **Self-attention interpolation** (`attn_lambda`): the end frames (α = 0 and 1) render first, and the
+  inputs of their self-attention in the UNet's up blocks are kept for the first λ of the steps; during
+  those steps an in-between frame's self-attention takes its keys and values from the interpolation of
+  the two ends' inputs (by its own α), computed through the layer's own to_k / to_v so that the
+  frame's LoRA blend applies. The ends render in the first batch, and a batch that holds them uses
+  their inputs directly; inputs are kept (fp16) only for later batches or a later pacing pass.
+- **AdaIN** (`adain`): the slerped starting noise gets the per-channel mean and std interpolated from
+  the two inverted noises.
+- **Even pacing** (`pacing="even"`): α is re-chosen so that consecutive frames are equally far apart
+  (by the inverse of the cumulative neighbour distance of a first pass), and only the frames whose α
+  moved are rendered again.
+
+The numeric pieces (`slerp`, `lerp`, `channel_stats`, `adain`, `start_latents`, `alpha_schedule`,
+`even_alphas`) are functions of tensors; `render_frames` renders latents; `morph` is the whole job with
+caching, progress and files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +47,12 @@ from .images import center_crop, check_resolution, open_image, resize_to_policy,
 from .inversion import check_steps, ddim_schedule, eps_model, invert_ddim, sample_ddim
 from .io import sha256_file
 from .lora import adapter_metadata, adapter_weights, load_lora, lora_state_dict, save_lora
+from .lora_blend import check_blend_mode, factor_layers
+from .lora_blend import lora_blend as blend_loras
 from .models import DEFAULT_MODEL, decode_latents, encode_image, encode_prompt, load_pipeline
 
 ADAPTERS = ("img0", "img1")  # not "a"/"b": diffusers matches adapter names as substrings of module keys
+PACINGS = ("even", "linear")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +92,99 @@ def alpha_schedule(frames: int) -> torch.Tensor:
     return torch.linspace(0, 1, frames, dtype=torch.float64)
 
 
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std over the spatial dims of (..., C, H, W): each (..., C, 1, 1)."""
+    x64 = x.double()
+    return x64.mean(dim=(-2, -1), keepdim=True), x64.std(dim=(-2, -1), keepdim=True, correction=0)
+
+
+def adain(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Adaptive instance normalisation: `x` (..., C, H, W) with each channel moved to the given mean and std.
+
+    `mean` and `std` broadcast against (..., C, 1, 1). The result's per-channel statistics (as
+    `channel_stats` measures them) equal `mean` and `std`, up to the rounding of `x`'s dtype.
+    """
+    own_mean, own_std = channel_stats(x)
+    out = (x.double() - own_mean) / own_std.clamp_min(eps) * std.double() + mean.double()
+    return out.to(x.dtype)
+
+
+def start_latents(noise_a: torch.Tensor, noise_b: torch.Tensor, alphas: torch.Tensor, use_adain: bool = True):
+    """Starting noise of the frames at `alphas`: slerp of the two inverted noises (each (1, C, h, w)).
+
+    With `use_adain`, each in-between frame's channels get the mean and std interpolated linearly from the
+    two noises (DiffMorpher's AdaIN). The end frames (α = 0 or 1) are the inverted noises exactly.
+    Returns (len(alphas), C, h, w).
+    """
+    x = slerp(noise_a[0], noise_b[0], alphas)
+    if not use_adain:
+        return x
+    (mean_a, std_a), (mean_b, std_b) = channel_stats(noise_a[0]), channel_stats(noise_b[0])
+    normalised = adain(x, lerp(mean_a, mean_b, alphas), lerp(std_a, std_b, alphas))
+    inside = ((alphas > 0) & (alphas < 1)).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(inside, normalised, x)
+
+
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation, as `numpy.interp`: the values at `x` of the polyline through (xp, fp).
+
+    `xp` must be non-decreasing; flat stretches of `xp` are stepped over. Outside [xp[0], xp[-1]] the end
+    values hold.
+    """
+    x, xp, fp = x.double(), xp.double(), fp.double()
+    right = torch.searchsorted(xp, x, right=True).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[right - 1], xp[right], fp[right - 1], fp[right]
+    width = x1 - x0
+    t = torch.where(width > 0, (x - x0) / torch.where(width > 0, width, torch.ones_like(width)), torch.ones_like(x))
+    return torch.where(x <= xp[0], fp[0], torch.where(x >= xp[-1], fp[-1], f0 + t.clamp(0, 1) * (f1 - f0)))
+
+
+def even_alphas(alphas: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """α of each frame such that consecutive frames are equally far apart, from one measured pass.
+
+    `alphas` (F,) are where the frames were rendered and `distances` (F - 1,) how far each frame is from
+    the next. The cumulative distance, as a function of α, is taken to be piecewise linear between the
+    rendered frames; the new α are its inverse at F evenly spaced fractions of the total. The ends stay
+    where they are; with no distance at all, nothing moves.
+    """
+    alphas, distances = alphas.double(), distances.double().clamp_min(0)
+    if len(distances) != len(alphas) - 1:
+        raise ValueError(f"{len(alphas)} frames need {len(alphas) - 1} neighbour distances; got {len(distances)}")
+    cumulative = torch.cat([distances.new_zeros(1), distances.cumsum(0)])
+    total = cumulative[-1]
+    if not total > 0:
+        return alphas.clone()
+    targets = torch.linspace(0, 1, len(alphas), dtype=torch.float64) * total
+    new = interp(targets, cumulative, alphas)
+    new[0], new[-1] = alphas[0], alphas[-1]
+    return new
+
+
+def moved_frames(old: torch.Tensor, new: torch.Tensor, tolerance: float = 0.05) -> torch.Tensor:
+    """Which frames moved by more than `tolerance` times the even spacing 1 / (F - 1): a bool mask (F,)."""
+    spacing = 1 / max(len(old) - 1, 1)
+    return (new.double() - old.double()).abs() > tolerance * spacing
+
+
+def attention_steps(attn_lambda: float, steps: int) -> int:
+    """How many of the first sampling steps use interpolated self-attention: ⌈λ·steps⌉ (DiffMorpher's i < λ·N)."""
+    return max(0, math.ceil(attn_lambda * steps - 1e-9))
+
+
+def check_attn_lambda(attn_lambda) -> float:
+    if isinstance(attn_lambda, bool) or not isinstance(attn_lambda, (int, float)) or not 0 <= attn_lambda <= 1:
+        raise ConfigError(f"attn_lambda (--attn-lambda) must be from 0 (no attention interpolation) to 1 (all steps); "
+                          f"got {attn_lambda!r}. DiffMorpher uses 0.6.")
+    return float(attn_lambda)
+
+
+def check_pacing(pacing: str) -> str:
+    if pacing not in PACINGS:
+        raise ConfigError(f"Unknown pacing {pacing!r}; choose even (consecutive frames equally far apart) or linear "
+                          "(α evenly spaced).")
+    return pacing
+
+
 def cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Scale `img` to cover `size` with its aspect ratio kept, then center-crop to exactly `size`."""
     width, height = size
@@ -82,30 +197,186 @@ def cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 # rendering
 
 
+@dataclass
+class AttentionStore:
+    """The end frames' self-attention inputs that the in-between frames interpolate, per layer and step.
+
+    `steps`: how many of the first sampling steps interpolate (`attention_steps(λ, N)`); with 0 the
+    processors are in place but change nothing. Inputs are kept only for those steps, only for the
+    up blocks' self-attention layers, in `dtype` (fp16). `keep`: hold them after `render_frames` returns,
+    for a later call that renders more in-between frames (even pacing); otherwise `render_frames` keeps
+    them only while its own later batches need them and drops them at its end. `peak_bytes` is the most
+    they took at any time.
+    """
+
+    steps: int
+    dtype: torch.dtype = torch.float16
+    keep: bool = False
+    states: dict = field(default_factory=dict)  # (layer name, step, end 0 or 1) -> (groups, tokens, channels)
+    nbytes: int = 0
+    peak_bytes: int = 0
+
+    def put(self, layer: str, step: int, end: int, inputs: torch.Tensor):
+        old = self.states.get((layer, step, end))
+        self.nbytes += inputs.numel() * inputs.element_size() - (0 if old is None else old.numel() * old.element_size())
+        self.states[(layer, step, end)] = inputs
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def get(self, layer: str, step: int, end: int) -> torch.Tensor:
+        try:
+            return self.states[(layer, step, end)]
+        except KeyError:
+            raise ValueError(f"No self-attention inputs of end frame {end} at step {step} in {layer}: render the "
+                             "end frames (α = 0 and 1) first, in the same call or in an earlier one with "
+                             "keep=True.") from None
+
+    def clear(self):
+        self.states.clear()
+        self.nbytes = 0
+
+
+@dataclass
+class _AttentionRun:
+    """What the processors of one `render_frames` call share: the store, the step, and the batch's roles."""
+
+    store: AttentionStore
+    record: bool
+    step: int = 0
+    end_rows: tuple = ()  # for end 0 and end 1: the rows of the batch that hold it, in group order
+    inner: torch.Tensor | None = None  # rows of the in-between frames
+    group: torch.Tensor | None = None  # of each in-between row: 0, or 0/1 for the [negative, positive] halves
+    alpha: torch.Tensor | None = None  # of each in-between row, (rows, 1, 1)
+
+    def set_batch(self, alphas: torch.Tensor, groups: int, device):
+        """The roles in a UNet batch of `groups` halves of the frames at `alphas` (the guided batch is doubled)."""
+        alphas = alphas.repeat(groups)
+        group = torch.arange(groups).repeat_interleave(len(alphas) // groups)
+        self.end_rows = tuple((alphas == a).nonzero().flatten().to(device) for a in (0, 1))
+        inner = ((alphas > 0) & (alphas < 1)).nonzero().flatten()
+        self.inner, self.group = inner.to(device), group[inner].to(device)
+        self.alpha = alphas[inner].float().view(-1, 1, 1).to(device)
+
+    def key_value_inputs(self, layer: str, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The tensor the keys and values are computed from: for the in-between samples, the interpolation of
+        the two ends' inputs at their α; for the ends, their own inputs. None where the batch has no
+        in-between frame (plain self-attention)."""
+        ends = {}
+        for e, rows in enumerate(self.end_rows):
+            if len(rows):
+                ends[e] = hidden[rows].to(self.store.dtype)  # (groups, tokens, channels)
+                if self.record:
+                    self.store.put(layer, self.step, e, ends[e])
+        if not len(self.inner):
+            return None
+        s0, s1 = (ends[e] if e in ends else self.store.get(layer, self.step, e) for e in (0, 1))
+        mixed = (1 - self.alpha) * s0[self.group].float() + self.alpha * s1[self.group].float()
+        out = hidden.clone()
+        out[self.inner] = mixed.to(hidden.dtype)
+        return out
+
+
+class InterpolatedSelfAttnProcessor:
+    """An attention processor for a self-attention (`attn1`) layer that lets in-between frames attend to the ends.
+
+    During the interpolated steps it hands the wrapped processor (diffusers' own, usually
+    `AttnProcessor2_0`) the interpolated inputs as `encoder_hidden_states`, so the keys and values come
+    from the layer's own `to_k` / `to_v`, LoRA included; queries stay the frame's own. Otherwise it calls
+    the wrapped processor unchanged.
+    """
+
+    def __init__(self, name: str, original, run: _AttentionRun):
+        self.name, self.original, self.run = name, original, run
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None and self.run.step < self.run.store.steps and hidden_states.dim() == 3:
+            encoder_hidden_states = self.run.key_value_inputs(self.name, hidden_states)
+        if temb is not None:
+            kwargs["temb"] = temb
+        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kwargs)
+
+
+def up_block_self_attention(unet) -> list[tuple[str, object]]:
+    """(name, module) of the self-attention layers of the UNet's up blocks (the ones DiffMorpher interpolates)."""
+    from diffusers.models.attention_processor import Attention
+
+    return [(name, m) for name, m in unet.named_modules()
+            if name.startswith("up_blocks.") and name.endswith("attn1") and isinstance(m, Attention)
+            and not m.is_cross_attention and m.group_norm is None and m.spatial_norm is None]
+
+
+@contextlib.contextmanager
+def interpolated_self_attention(unet, run: _AttentionRun):
+    """Install `InterpolatedSelfAttnProcessor` on the up blocks' self-attention; the old processors come back after."""
+    installed = []
+    try:
+        for name, module in up_block_self_attention(unet):
+            installed.append((module, module.processor))
+            module.set_processor(InterpolatedSelfAttnProcessor(name, module.processor, run))
+        yield [module for module, _ in installed]
+    finally:
+        for module, processor in installed:
+            module.set_processor(processor)
+
+
+def ends_first(alphas: torch.Tensor) -> torch.Tensor:
+    """Frame indices in rendering order: the end frames (α = 0 or 1) first, then the others, each in order."""
+    is_end = (alphas == 0) | (alphas == 1)
+    return torch.cat([is_end.nonzero().flatten(), (~is_end).nonzero().flatten()])
+
+
 @torch.no_grad()
 def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tensor, schedule, guidance: float = 1.0,
                   negative: torch.Tensor | None = None, batch_size: int = 8, adapters=ADAPTERS,
-                  progress=None) -> torch.Tensor:
+                  progress=None, *, adain: bool = False, blend: str = "adapters",
+                  attention: AttentionStore | None = None) -> torch.Tensor:
     """Latents of the frames at `alphas`, `batch_size` frames per UNet call.
 
-    Each frame has its own starting noise (slerp), prompt embedding (lerp) and adapter blend
-    (1-α, α), the last given per sample inside one batch. Returns clean latents (F, 4, h, w).
+    Each frame has its own starting noise (slerp, and AdaIN with `adain`), prompt embedding (lerp) and
+    LoRA blend at its α (`blend`: "adapters" or "factors", see `morphkit.lora_blend`), all given per
+    sample inside one batch. The end frames (α = 0 or 1) render first. With `attention` (an
+    `AttentionStore`), the in-between frames' self-attention in the up blocks interpolates the ends' for
+    the store's first steps; frames whose ends are not among `alphas` read the ends from the store.
+    Returns clean latents (F, 4, h, w) in the order of `alphas`.
     """
-    device, out = pipe.unet.device, []
-    for chunk in alphas.split(batch_size):
-        x = slerp(noise_a[0], noise_b[0], chunk).to(device, torch.float32)
-        embeds = lerp(embeds_a[0], embeds_b[0], chunk).to(device)
-        weights = torch.stack([1 - chunk, chunk]).float().to(device)
-        if guidance != 1.0:
-            weights = torch.cat([weights, weights], dim=1)  # the guided batch is [negative, positive]
-        neg = None if negative is None else negative.expand(len(chunk), -1, -1).to(device)
-        with adapter_weights(pipe.unet, {adapters[0]: weights[0], adapters[1]: weights[1]}):
-            model = eps_model(pipe.unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
-                              pipe.scheduler.alphas_cumprod)
-            out.append(sample_ddim(model, x, schedule))
-        if progress is not None:
-            progress.update(len(chunk))
-    return torch.cat(out)
+    unet, device = pipe.unet, pipe.unet.device
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    chunks = ends_first(alphas).split(batch_size)
+    groups = 1 if guidance == 1.0 else 2  # the guided batch is [negative, positive]
+    run = None if attention is None else _AttentionRun(attention, record=attention.keep or len(chunks) > 1)
+    step_of = {int(t): i for i, t in enumerate(schedule.timesteps)}
+    out = None
+    with interpolated_self_attention(unet, run) if run is not None else contextlib.nullcontext():
+        for idx in chunks:
+            chunk = alphas[idx]
+            x = start_latents(noise_a, noise_b, chunk, adain).to(device, torch.float32)
+            embeds = lerp(embeds_a[0], embeds_b[0], chunk).to(device)
+            weights = chunk.float().to(device).repeat(groups)
+            neg = None if negative is None else negative.expand(len(chunk), -1, -1).to(device)
+            if run is not None:
+                run.set_batch(chunk, groups, device)
+            with blend_loras(unet, adapters, weights, blend):
+                model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
+                                  pipe.scheduler.alphas_cumprod)
+                if run is not None:
+                    model = _tracking_steps(model, run, step_of)
+                latents = sample_ddim(model, x, schedule)
+            if out is None:
+                out = latents.new_empty((len(alphas), *latents.shape[1:]))
+            out[idx.to(latents.device)] = latents
+            if progress is not None:
+                progress.update(len(chunk))
+    if attention is not None and not attention.keep:
+        attention.clear()
+    return out
+
+
+def _tracking_steps(model, run: _AttentionRun, step_of: dict):
+    def tracked(x, t):
+        run.step = step_of[int(t)]
+        return model(x, t)
+
+    return tracked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +391,13 @@ class MorphResult:
     paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     cache_hits: dict[str, bool] = field(default_factory=dict)
+    attention_steps: int = 0  # of the sampling steps, how many used interpolated self-attention
+    attention_bytes: int = 0  # the most memory the kept end-frame self-attention inputs took
+    pacing: str = "linear"
+    distance: str | None = None  # the distance even pacing measured with (lpips, l2, ...)
+    rerendered: list[int] = field(default_factory=list)  # frames rendered again at a new α (even pacing)
+    first_distances: list[float] = field(default_factory=list)  # neighbour distances of the first pass (even pacing)
+    distances: list[float] = field(default_factory=list)  # neighbour distances of the frames returned (even pacing)
 
 
 def _image_key(img: Image.Image) -> str:
@@ -158,6 +436,12 @@ def morph(
     device: str | None = None,
     dtype: str | None = None,
     allow_pickle: bool = False,
+    attn_lambda: float = 0.6,
+    adain: bool = True,
+    pacing: str = "even",
+    distance: str = "auto",
+    pacing_tolerance: float = 0.05,
+    lora_blend: str = "adapters",
     pipe=None,
     progress: bool = True,
 ) -> MorphResult:
@@ -166,13 +450,32 @@ def morph(
     Images of different sizes: A sets the frame (the size policy of `morphkit.images` at
     `resolution`); B is scaled to cover that frame, aspect ratio kept, and center-cropped. Nothing
     is squashed. The first and last frames reproduce the two inputs (with guidance 1).
+
+    DiffMorpher's refinements: `attn_lambda` (the fraction of the steps, from the start, in which the
+    in-between frames' self-attention interpolates the ends'; 0 is off), `adain` (the starting noise
+    gets statistics interpolated from the two inverted noises), `pacing` ("even": α re-chosen after a
+    first pass so that consecutive frames are equally far apart by `distance`, and only frames whose α
+    moved by more than `pacing_tolerance` of the frame spacing are rendered again; "linear": α evenly
+    spaced), `lora_blend` ("adapters" or "factors", see `morphkit.lora_blend`).
     """
     from tqdm.auto import tqdm
 
+    from .metrics import check_distance, get_distance, images_to_tensor, neighbour_distances
+    from .models import resolve_device
     from .train import EncodedExample, TrainSettings, fit_lora
 
     # 1. check everything that can be checked before the model is loaded
     alphas = alpha_schedule(frames)
+    attn_lambda = check_attn_lambda(attn_lambda)
+    check_pacing(pacing)
+    check_blend_mode(lora_blend)
+    check_distance(distance)
+    if isinstance(pacing_tolerance, bool) or not isinstance(pacing_tolerance, (int, float)) or pacing_tolerance < 0:
+        raise ConfigError(f"pacing_tolerance must be a number of at least 0; got {pacing_tolerance!r}.")
+    paced = pacing == "even" and frames > 2
+    if paced:  # a distance asked for by name that cannot run here fails now, not after the LoRAs are fitted
+        distance_name, distance_fn, _ = get_distance(distance, pipe.unet.device if pipe is not None
+                                                     else resolve_device(device))
     formats = tuple(formats)
     if bad := [f for f in formats if f not in FORMATS]:
         raise ConfigError(f"Unknown output format {', '.join(bad)}; choose from {', '.join(FORMATS)}.")
@@ -265,6 +568,8 @@ def morph(
         if cached is not None:
             save_lora(cached, lora_state_dict(unet, name), adapter_metadata(unet, name),
                       {"base_model": model, "prompt": prompts[side], "steps": lora_steps, "seed": seed}, overwrite=True)
+    if lora_blend == "factors":
+        factor_layers(unet, ADAPTERS)  # two LoRAs of different ranks cannot blend by factors: say so now
     timings["fit"] = time.perf_counter() - clock
 
     # 4. each image inverted under its own LoRA and prompt
@@ -288,15 +593,38 @@ def morph(
         noises.append(noise)
     timings["invert"] = time.perf_counter() - clock
 
-    # 5. the frames
+    # 5. the frames: all of them at evenly spaced α, then (even pacing) again those whose α moves
     clock = time.perf_counter()
+    attn_store = None
+    if frames > 2 and attention_steps(attn_lambda, steps):
+        attn_store = AttentionStore(attention_steps(attn_lambda, steps), keep=paced)
+
+    def render(at: torch.Tensor, bar) -> list[Image.Image]:
+        latents = render_frames(pipe, noises[0], noises[1], embeds[0], embeds[1], at, schedule, guidance, negative,
+                                batch_size, progress=bar, adain=adain, blend=lora_blend, attention=attn_store)
+        return to_pil(decode_latents(pipe, latents))
+
     bar = tqdm(total=frames, desc="rendering frames", unit="frame", disable=not progress)
+    rerendered, first_distances, distances = [], [], []
     try:
-        frame_latents = render_frames(pipe, noises[0], noises[1], embeds[0], embeds[1], alphas, schedule, guidance,
-                                      negative, batch_size, progress=bar)
+        pictures = render(alphas, bar)
+        if paced:
+            first_distances = neighbour_distances(images_to_tensor(pictures), distance_fn)
+            target = even_alphas(alphas, first_distances)
+            moved = moved_frames(alphas, target, pacing_tolerance)
+            rerendered = moved.nonzero().flatten().tolist()
+            distances = first_distances
+            if rerendered:
+                bar.total += len(rerendered)
+                bar.refresh()
+                for i, picture in zip(rerendered, render(target[moved], bar)):
+                    pictures[i] = picture
+                alphas = torch.where(moved, target, alphas)
+                distances = neighbour_distances(images_to_tensor(pictures), distance_fn)
     finally:
         bar.close()
-    pictures = to_pil(decode_latents(pipe, frame_latents))
+        if attn_store is not None:
+            attn_store.clear()
     timings["render"] = time.perf_counter() - clock
 
     # 6. files
@@ -310,4 +638,8 @@ def morph(
     if "png" in formats:
         paths["png"] = save_frames(pictures, out / "frames", overwrite=overwrite)
     timings["export"] = time.perf_counter() - clock
-    return MorphResult(pictures, alphas.tolist(), out, paths, timings, hits)
+    return MorphResult(pictures, alphas.tolist(), out, paths, timings, hits,
+                       attention_steps=attn_store.steps if attn_store is not None else 0,
+                       attention_bytes=attn_store.peak_bytes if attn_store is not None else 0,
+                       pacing=pacing, distance=distance_name if paced else None, rerendered=rerendered,
+                       first_distances=[float(d) for d in first_distances], distances=[float(d) for d in distances])

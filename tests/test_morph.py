@@ -11,8 +11,12 @@ from cli.main import app
 from morphkit import train as train_module
 from morphkit.inversion import ddim_schedule, sample_ddim, eps_model
 from morphkit.lora import LoraShape, add_lora, adapter_weights
+from morphkit.lora_blend import factor_blend, factor_delta, factor_layers, lora_blend
+from morphkit.metrics import get_distance, images_to_tensor, neighbour_distances, pdv
 from morphkit.models import encode_prompt
-from morphkit.morph import render_frames, slerp
+from morphkit.morph import (ADAPTERS, AttentionStore, adain, alpha_schedule, attention_steps, channel_stats,
+                            even_alphas, interp, lerp, moved_frames, render_frames, slerp, start_latents,
+                            up_block_self_attention)
 from tests.conftest import make_photo, unet_probe
 
 FAST = dict(model="tiny", frames=5, steps=10, lora_steps=30, lora_lr=1e-3, progress=False)
@@ -45,6 +49,99 @@ def test_slerp_of_near_parallel_vectors_falls_back_to_lerp_without_nan():
         out = slerp(a, b, torch.linspace(0, 1, 5))
         assert torch.isfinite(out).all()
     assert torch.allclose(slerp(a, a + 1e-7, 0.5), a + 0.5e-7, atol=1e-6)
+
+
+# ---- AdaIN and pacing: numbers --------------------------------------------------------------
+
+def test_adain_moves_each_channel_to_the_given_statistics():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((3, 4, 8, 8), generator=g) * 0.5 + 2
+    mean, std = torch.randn((3, 4, 1, 1), generator=g), torch.rand((3, 4, 1, 1), generator=g) + 0.5
+    got_mean, got_std = channel_stats(adain(x, mean, std))
+    assert torch.allclose(got_mean, mean.double(), atol=1e-6) and torch.allclose(got_std, std.double(), atol=1e-6)
+
+
+def test_starting_latents_get_the_interpolated_statistics_and_the_ends_stay_exact():
+    g = torch.Generator().manual_seed(6)
+    scale_a, scale_b = torch.tensor([0.5, 1, 1.5, 2]).view(1, 4, 1, 1), torch.tensor([2, 0.7, 1, 0.4]).view(1, 4, 1, 1)
+    a = torch.randn((1, 4, 8, 8), generator=g) * scale_a + 0.3
+    b = torch.randn((1, 4, 8, 8), generator=g) * scale_b - 0.5
+    alphas = torch.tensor([0, 0.25, 0.5, 0.8, 1], dtype=torch.float64)
+    x = start_latents(a, b, alphas, use_adain=True)
+    (mean_a, std_a), (mean_b, std_b) = channel_stats(a[0]), channel_stats(b[0])
+    mean, std = channel_stats(x)
+    assert torch.allclose(mean, lerp(mean_a, mean_b, alphas), atol=1e-6)
+    assert torch.allclose(std, lerp(std_a, std_b, alphas), atol=1e-6)
+    assert torch.equal(x[0], a[0]) and torch.equal(x[-1], b[0])
+    plain = start_latents(a, b, alphas, use_adain=False)
+    assert torch.equal(plain, slerp(a[0], b[0], alphas))
+    assert (plain[2].std(dim=(-2, -1)) - std[2].flatten()).abs().max() > 0.05  # slerp alone misses them
+
+
+def test_even_alphas_invert_the_cumulative_distance():
+    alphas = alpha_schedule(5)
+    # the first step is as long as the other three together: the frames must crowd into it
+    paced = even_alphas(alphas, torch.tensor([3.0, 1, 1, 1]))
+    assert torch.allclose(paced, torch.tensor([0, 0.125, 0.25, 0.625, 1], dtype=torch.float64))
+    assert torch.equal(even_alphas(alphas, torch.ones(4)), alphas)  # already even: nothing moves
+    assert torch.equal(even_alphas(alphas, torch.zeros(4)), alphas)  # no distance at all: nothing moves
+    assert moved_frames(alphas, paced).tolist() == [False, True, True, True, False]
+    symmetric = even_alphas(alphas, torch.tensor([2.0, 1, 1, 2]))  # slow at both ends: the middle frame stays
+    assert torch.allclose(symmetric, torch.tensor([0, 0.1875, 0.5, 0.8125, 1], dtype=torch.float64))
+    assert moved_frames(alphas, symmetric).tolist() == [False, True, False, True, False]
+    assert moved_frames(alphas, alphas + 0.02, tolerance=0.05).sum() == 5  # 0.02 > 5 % of the 0.25 spacing
+    assert moved_frames(alphas, alphas + 0.02, tolerance=0.1).sum() == 0
+    xp, fp = torch.tensor([0.0, 1, 1, 3]), torch.tensor([0.0, 2, 5, 6])
+    x = torch.linspace(-1, 4, 23)
+    assert np.allclose(interp(x, xp, fp).numpy(), np.interp(x.numpy(), xp.numpy(), fp.numpy()))
+    assert attention_steps(0.6, 50) == 30 and attention_steps(0.6, 10) == 6 and attention_steps(0, 50) == 0
+    assert attention_steps(1, 7) == 7 and attention_steps(0.25, 10) == 3
+
+
+# ---- LoRA blends ---------------------------------------------------------------------------
+
+def test_factor_delta_is_the_product_of_the_interpolated_factors():
+    g = torch.Generator().manual_seed(7)
+    a0, a1 = torch.randn((3, 6), generator=g), torch.randn((3, 6), generator=g)
+    b0, b1 = torch.randn((5, 3), generator=g), torch.randn((5, 3), generator=g)
+    s0, s1 = 0.5, 2.0
+    x, alphas = torch.randn((3, 4, 6), generator=g), torch.tensor([0.0, 0.3, 1.0])
+    got = factor_delta(x, alphas, [(a0, b0, s0), (a1, b1, s1)])
+    for i, t in enumerate(alphas.tolist()):
+        product = ((1 - t) * s0 * b0 + t * s1 * b1) @ ((1 - t) * a0 + t * a1)
+        assert torch.allclose(got[i], x[i] @ product.T, atol=1e-5)
+    one_sided = factor_delta(x, alphas, [(a0, b0, s0), None])  # a layer only LoRA 0 touches: (1-α)² of it
+    assert torch.allclose(one_sided[1], 0.7**2 * s0 * x[1] @ (b0 @ a0).T, atol=1e-5)
+
+
+def test_factor_blend_ends_are_each_lora_and_its_middle_is_not_the_adapter_blend(tiny_pipe):
+    unet = two_adapters(tiny_pipe).unet
+    probes = {}
+    for label, (mode, alpha) in {"f0": ("factors", 0.0), "f1": ("factors", 1.0), "fh": ("factors", 0.5),
+                                 "ah": ("adapters", 0.5), "mixed": ("factors", torch.tensor([0.0, 1.0]))}.items():
+        with lora_blend(unet, ADAPTERS, alpha, mode):
+            probes[label] = unet_probe(unet)
+    for name, end in (("img0", "f0"), ("img1", "f1")):
+        with adapter_weights(unet, {name: 1.0}):
+            only = unet_probe(unet)
+        assert (probes[end] - only).abs().max() <= 1e-6 * only.abs().max()
+    scale = probes["ah"].abs().max()
+    assert (probes["fh"] - probes["ah"]).abs().max() > 1e-3 * scale
+    # one α per sample in one batch: sample 0 at α = 0, sample 1 at α = 1
+    assert torch.allclose(probes["mixed"][0], probes["f0"][0], atol=1e-6 * scale)
+    assert torch.allclose(probes["mixed"][1], probes["f1"][1], atol=1e-6 * scale)
+    with adapter_weights(unet, {"img0": 1.0}):
+        assert torch.equal(unet_probe(unet), unet_probe(unet))  # the hooks are gone afterwards
+
+
+def test_factor_blend_refuses_loras_of_different_ranks(tiny_pipe):
+    add_lora(tiny_pipe.unet, LoraShape(rank=4), "img0")
+    add_lora(tiny_pipe.unet, LoraShape(rank=8), "img1")
+    with pytest.raises(morphkit.ConfigError, match="same rank"):
+        factor_layers(tiny_pipe.unet, ADAPTERS)
+    with pytest.raises(morphkit.ConfigError, match="same rank"):
+        with factor_blend(tiny_pipe.unet, ADAPTERS, 0.5):
+            pass
 
 
 # ---- adapters ------------------------------------------------------------------------------
@@ -103,6 +200,64 @@ def test_batched_rendering_equals_one_frame_at_a_time(tiny_pipe):
     with adapter_weights(pipe.unet, {"img0": 1.0}):
         first = sample_ddim(eps_model(pipe.unet, embeds[0]), noise[0], schedule)
     assert (batched[0] - first[0]).abs().max() < 1e-4 * first.abs().max()
+
+
+def render_inputs(pipe, steps=6):
+    g = torch.Generator().manual_seed(4)
+    noise = [torch.randn((1, 4, 8, 8), generator=g) for _ in range(2)]
+    embeds = [encode_prompt(pipe, "a photo of a cat"), encode_prompt(pipe, "a dog")]
+    return noise, embeds, ddim_schedule(pipe.scheduler.config, steps)
+
+
+def attention_bytes(unet, steps, tokens=16):
+    """fp16 inputs of the two ends for every up-block self-attention layer and interpolated step (8x8 latent)."""
+    return 2 * steps * sum(tokens * m.query_dim * 2 for _, m in up_block_self_attention(unet))
+
+
+def test_attention_interpolation_changes_the_in_between_frames_only(tiny_pipe):
+    pipe = two_adapters(tiny_pipe)
+    noise, embeds, schedule = render_inputs(pipe)
+    alphas = alpha_schedule(5)
+    plain = render_frames(pipe, *noise, *embeds, alphas, schedule)
+    off = render_frames(pipe, *noise, *embeds, alphas, schedule, attention=AttentionStore(steps=0))
+    assert torch.equal(off, plain)  # λ = 0: the processors are in place and change nothing
+    store = AttentionStore(steps=attention_steps(0.6, len(schedule)))
+    on = render_frames(pipe, *noise, *embeds, alphas, schedule, attention=store)
+    assert torch.equal(on[[0, -1]], plain[[0, -1]])
+    assert (on[1:-1] - plain[1:-1]).abs().amax(dim=(1, 2, 3)).min() > 1e-3 * plain.abs().max()
+    assert store.peak_bytes == 0 and not store.states  # one batch, nothing to keep for later
+    layers = up_block_self_attention(pipe.unet)
+    assert len(layers) == 2 and all(type(m.processor).__name__ == "AttnProcessor2_0" for _, m in layers)
+
+
+def test_kept_attention_inputs_serve_a_later_call_and_are_needed(tiny_pipe):
+    pipe = two_adapters(tiny_pipe)
+    noise, embeds, schedule = render_inputs(pipe)
+    store = AttentionStore(steps=4, keep=True)
+    render_frames(pipe, *noise, *embeds, alpha_schedule(5), schedule, attention=store)
+    assert store.nbytes == store.peak_bytes == attention_bytes(pipe.unet, 4) > 0
+    later = render_frames(pipe, *noise, *embeds, torch.tensor([0.3], dtype=torch.float64), schedule, attention=store)
+    together = render_frames(pipe, *noise, *embeds, torch.tensor([0, 0.3, 1], dtype=torch.float64), schedule,
+                             attention=AttentionStore(steps=4))
+    assert (later[0] - together[1]).abs().max() < 1e-4 * together.abs().max()
+    with pytest.raises(ValueError, match="render the end frames"):
+        render_frames(pipe, *noise, *embeds, torch.tensor([0.3], dtype=torch.float64), schedule,
+                      attention=AttentionStore(steps=4))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_batched_rendering_equals_one_frame_at_a_time_with_every_refinement(tiny_pipe, guidance):
+    pipe = two_adapters(tiny_pipe)
+    noise, embeds, schedule = render_inputs(pipe)
+    negative = encode_prompt(pipe, "blurry") if guidance != 1.0 else None
+    alphas = alpha_schedule(5)
+    opts = dict(guidance=guidance, negative=negative, adain=True, blend="factors")
+    batched = render_frames(pipe, *noise, *embeds, alphas, schedule, batch_size=5, attention=AttentionStore(4), **opts)
+    store = AttentionStore(4)
+    single = render_frames(pipe, *noise, *embeds, alphas, schedule, batch_size=1, attention=store, **opts)
+    assert (batched - single).abs().max() < 1e-4 * single.abs().max()
+    groups = 1 if guidance == 1.0 else 2  # a guided batch keeps the negative half's inputs too
+    assert store.peak_bytes == groups * attention_bytes(pipe.unet, 4) and not store.states
 
 
 # ---- the whole morph -----------------------------------------------------------------------
@@ -166,6 +321,31 @@ def test_second_run_hits_the_cache_and_a_changed_image_misses(pair, tmp_path, mo
     assert not fourth.cache_hits["lora_a"]  # a changed setting never reuses a stale entry
 
 
+def test_morph_refinements_end_to_end(pair, tmp_path):
+    """One set of LoRAs and inversions (cached), four morphs: plain, + attention, + AdaIN, + even pacing."""
+    common = dict(FAST, frames=7, formats=(), cache_dir=tmp_path / "cache", prompt="a photo")
+    plain = morphkit.morph(*pair, attn_lambda=0, adain=False, pacing="linear", **common)
+    assert plain.attention_steps == 0 and plain.distance is None and plain.rerendered == []
+    attn = morphkit.morph(*pair, adain=False, pacing="linear", **common)
+    assert attn.attention_steps == 6 and attn.attention_bytes == 0  # all 7 frames in one batch: nothing kept
+    arrays = [[np.asarray(f, dtype=np.int16) for f in r.frames] for r in (plain, attn)]
+    assert all(np.array_equal(arrays[0][i], arrays[1][i]) for i in (0, -1))
+    assert all(np.abs(arrays[0][i] - arrays[1][i]).max() > 2 for i in range(1, 6))
+
+    linear = morphkit.morph(*pair, pacing="linear", **common)
+    even = morphkit.morph(*pair, **common)  # the defaults: attention 0.6, AdaIN, even pacing
+    assert even.pacing == "even" and even.distance in ("lpips", "l2")
+    measured = neighbour_distances(images_to_tensor(linear.frames), get_distance(even.distance)[1])
+    assert np.allclose(even.first_distances, measured.numpy())  # the first pass is the linear morph
+    assert pdv(torch.tensor(even.distances)) < pdv(measured)
+    assert 0 < len(even.rerendered) < 7 and 0 not in even.rerendered and 6 not in even.rerendered
+    assert even.attention_bytes > 0  # kept for the second pass
+    for i in set(range(7)) - set(even.rerendered):
+        assert np.array_equal(np.asarray(even.frames[i]), np.asarray(linear.frames[i]))
+        assert even.alphas[i] == linear.alphas[i]
+    assert even.alphas[0] == 0 and even.alphas[-1] == 1 and all(np.diff(even.alphas) > 0)
+
+
 def test_same_image_twice(pair, tmp_path):
     with pytest.raises(morphkit.ConfigError, match="nothing to morph"):
         morphkit.morph(pair[0], pair[0], formats=(), **FAST)
@@ -216,6 +396,24 @@ def test_cli_morph_and_its_bad_inputs(pair, tmp_path):
     assert again.exit_code == 0 and Image.open(out / "morph.gif").n_frames == 5  # A→B in 3 frames, then back to A
 
 
+def test_cli_morph_refinement_options_and_report(pair, tmp_path):
+    common = ["--model", "tiny", "--frames", "4", "--steps", "4", "--lora-steps", "5", "-q",
+              "--cache-dir", tmp_path / "c"]
+    ok = run_cli("morph", *pair, "-o", tmp_path / "o", *common, "--attn-lambda", "0.5", "--lora-blend", "factors",
+                 "--no-adain", "--batch-size", "2", "--formats", "png")
+    assert ok.exit_code == 0, ok.output
+    assert "Attention interpolation: first 2 of 4 steps; kept" in ok.output and "KiB" in ok.output
+    assert "Pacing: even by" in ok.output and "re-rendered" in ok.output and "PDV" in ok.output
+    off = run_cli("morph", *pair, "-o", tmp_path / "o2", *common, "--attn-lambda", "0", "--pacing", "linear")
+    assert off.exit_code == 0 and "Attention interpolation: off." in off.output and "Pacing: linear." in off.output
+    for option, value, words in [("--attn-lambda", "1.5", "attn_lambda"), ("--attn-lambda", "-0.1", "attn_lambda"),
+                                 ("--pacing", "zigzag", "Unknown pacing"), ("--distance", "cosine", "Unknown distance"),
+                                 ("--lora-blend", "mix", "Unknown LoRA blend")]:
+        result = run_cli("morph", *pair, "-o", tmp_path / "bad", *common, option, value)
+        assert result.exit_code == 2 and words in result.output, (option, result.output)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_invert_cli(pair, tmp_path):
     result = run_cli("invert", pair[0], "--model", "tiny", "--steps", "5", "-o", tmp_path, "-q")
     assert result.exit_code == 0, result.output
@@ -232,7 +430,7 @@ def test_invert_rejects_loras_that_are_not_diffusers_unet_loras(pair, tmp_path):
     save_file({"unet.down_blocks.9.attentions.0.to_q.lora_A.weight": torch.zeros(4, 64),
                "unet.down_blocks.9.attentions.0.to_q.lora_B.weight": torch.zeros(64, 4)}, str(tmp_path / "other.safetensors"))
     (tmp_path / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
-    for name, words in [("kohya", "kohya"), ("random", "no LoRA weights"), ("other", "does not fit"), ("trunc", "not a readable")]:
+    for name, words in [("kohya", "kohya"), ("random", "no LoRA weights"), ("other", "does not fit"), ("trunc", "not a safetensors")]:
         result = run_cli("invert", pair[0], "--model", "tiny", "--steps", "2", "--lora", tmp_path / f"{name}.safetensors",
                          "-o", tmp_path / name, "-q")
         assert result.exit_code == 2 and words in result.output, (name, result.output)
