@@ -156,10 +156,13 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False, what: str 
                 "its source: it is then read with torch.load(weights_only=True), which accepts tensors only.")
         return _read_pickle(path, what), {}
     if kind != "safetensors":
-        said = "it is empty" if kind == "empty" else f"its content is {kind}" if kind != "unknown" else \
-            "its content is not safetensors"
-        raise LoRAError(f"{path} is not a safetensors {what}: {said}. If it is a pickle renamed to .safetensors, do "
-                        "not trust it; otherwise re-download it.")
+        if kind == "empty":
+            raise LoRAError(f"{path} is empty, so it is not a {what}. Re-download or re-create it.")
+        advice = {"a pickle": " A pickle renamed to .safetensors can run code when loaded elsewhere: do not trust it.",
+                  "a PyTorch zip archive (pickle)": " A pickle renamed to .safetensors can run code when loaded "
+                  "elsewhere: do not trust it."}.get(kind, "")
+        said = f"its content is {kind}" if kind != "unknown" else "its content is not safetensors"
+        raise LoRAError(f"{path} is not a safetensors {what}: {said}.{advice}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
