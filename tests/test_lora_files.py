@@ -382,3 +382,25 @@ def test_text_encoder_part_acts_as_in_stock_diffusers_and_is_undone(tiny_pipe, t
     stock.load_lora_weights(str(tmp_path / "both.safetensors"), adapter_name="x")
     stock.set_adapters(["x"], [0.5])
     assert (encode_prompt(stock, "a photo") - ours).abs().max() < 1e-5
+
+
+def test_kohya_keys_for_full_size_sd15_match_a_hand_built_list():
+    """The keys morphkit writes for a default-target LoRA on the full-size SD 1.5 UNet (built from its
+    config on the meta device, never run), against the list written out from SD 1.5's structure."""
+    from diffusers import UNet2DConditionModel
+
+    from morphkit.lora_files import LoraFile, LoraModule, kohya_state_dict
+    from morphkit.models import SD15_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(SD15_CONFIG), subfolder="unet"))
+    adapted = [n for n, _ in unet.named_modules() if n.endswith(TARGETS)]
+    one = LoraModule(torch.zeros(1, 1), torch.zeros(1, 1), 1.0)
+    written = set(kohya_state_dict(LoraFile({"unet." + n: one for n in adapted})))
+
+    blocks = ([f"down_blocks_{i}_attentions_{j}" for i in range(3) for j in range(2)]
+              + [f"up_blocks_{i}_attentions_{j}" for i in (1, 2, 3) for j in range(3)] + ["mid_block_attentions_0"])
+    expected = {f"lora_unet_{b}_transformer_blocks_0_{attn}_{proj}.{leaf}" for b in blocks
+                for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out_0")
+                for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert written == expected and len(expected) == 16 * 8 * 3
