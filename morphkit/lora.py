@@ -131,11 +131,6 @@ def save_lora(
     return path
 
 
-def read_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
-    """Read and check a LoRA file in any format morphkit speaks, without putting it on a model."""
-    return read_lora_file(path, allow_pickle)
-
-
 def check_fits(unet, lora: LoraFile, path) -> None:
     """Raise `LoRAError`, naming the problem, unless every UNet module of `lora` exists in `unet` with matching sizes."""
     from .lora_files import describe

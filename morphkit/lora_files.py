@@ -31,10 +31,10 @@ from safetensors.torch import save_file
 
 from .errors import LoRAError
 from .io import atomic_write, check_can_write
+from .models import PICKLE_SUFFIXES
 
 FORMATS = ("kohya", "diffusers")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 PART_TO_KOHYA = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
