@@ -135,10 +135,11 @@ def latent_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two image tensors in [-1, 1]."""
-    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+def image_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images in [-1, 1] (values outside are clipped, as a saved image would be)."""
+    from .metrics import psnr
+
+    return float(psnr(a.float().clamp(-1, 1), b.float().clamp(-1, 1), data_range=2.0)[0])
 
 
 def invert(
@@ -217,5 +218,5 @@ def invert(
         with atomic_write(check_can_write(noise_path, overwrite, "inverted noise")) as tmp:
             save_file({"noise": noise.cpu().contiguous(), "latent": z0.cpu().contiguous()}, str(tmp), metadata=meta)
         paths = {"noise": noise_path, "reconstruction": save_image(reconstruction, recon_path, overwrite)}
-    return InversionResult(noise, z0, reconstruction, latent_error(regenerated, z0), psnr(decoded, round_trip), paths)
+    return InversionResult(noise, z0, reconstruction, latent_error(regenerated, z0), image_psnr(decoded, round_trip), paths)
 

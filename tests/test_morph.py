@@ -285,7 +285,7 @@ def test_morph_writes_gif_mp4_and_frames(pair, tmp_path):
 def test_end_frames_reproduce_the_inputs(pair, tiny_pipe):
     """With guidance 1 the first and last frames regenerate each input (as the VAE sees it)."""
     from morphkit.images import resize_to_policy, open_image, to_tensor
-    from morphkit.inversion import psnr
+    from morphkit.inversion import image_psnr as psnr
     from morphkit.models import decode_latents, encode_image
     from morphkit.morph import cover_resize
 

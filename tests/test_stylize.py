@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import morphkit
 from cli.main import app
 from morphkit.images import open_image, resize_to_policy, to_tensor
-from morphkit.inversion import psnr
+from morphkit.inversion import image_psnr as psnr
 from morphkit.lora import LoraShape, adapter_metadata, add_lora, lora_state_dict, save_lora
 from morphkit.models import SD15_CONFIG, SD15_CONTROLNET_CONFIG, decode_latents, encode_image, load_controlnet
 from morphkit.stylize import (
