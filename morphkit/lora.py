@@ -25,6 +25,7 @@ from .lora_files import (
     DIFFUSERS_METADATA_KEY,
     LoraFile,
     LoraModule,
+    describe,
     lora_from_peft,
     diffusers_state_dict,
     peft_metadata,
@@ -133,8 +134,6 @@ def save_lora(
 
 def check_fits(unet, lora: LoraFile, path) -> None:
     """Raise `LoRAError`, naming the problem, unless every UNet module of `lora` exists in `unet` with matching sizes."""
-    from .lora_files import describe
-
     modules = dict(unet.named_modules())
     found = describe(lora)["base"]
     made_for = f" It looks made for {found}." if found and not found.startswith("unknown") else ""
@@ -151,21 +150,23 @@ def check_fits(unet, lora: LoraFile, path) -> None:
                             f"{tuple(weight.shape)}.{made_for}")
 
 
-def load_lora(unet, path: str | os.PathLike, adapter_name: str, allow_pickle: bool = False) -> LoraFile:
-    """Load a LoRA file (kohya or diffusers format) into `unet` as `adapter_name`, weights in fp32.
+def load_lora(unet, source: str | os.PathLike | LoraFile, adapter_name: str, allow_pickle: bool = False) -> LoraFile:
+    """Load a LoRA (a kohya or diffusers file, or a `LoraFile` already read) into `unet` as `adapter_name`,
+    weights in fp32.
 
     Rank and alpha come from the file (kohya's `.alpha` tensors or diffusers' `lora_adapter_metadata`
     header), so a LoRA trained with alpha != rank loads at its trained strength. Only the UNet part is
-    applied; a text-encoder part is reported by `describe` but not loaded. A file with no UNet LoRA,
+    loaded here; `text_encoder_loras` applies a text-encoder part. A file with no UNet LoRA,
     or one made for another architecture, raises `LoRAError` rather than loading nothing.
     """
-    lora = read_lora_file(path, allow_pickle)
+    lora = source if isinstance(source, LoraFile) else read_lora_file(source, allow_pickle)
+    path = lora.path or "the LoRA"
     if not lora.part("unet"):
-        raise LoRAError(f"{path} holds no LoRA weights for the UNet (only for {', '.join(sorted({k.partition('.')[0] for k in lora.modules}))}); "
-                        "morphkit applies UNet LoRAs.")
+        parts = ", ".join(sorted({k.partition(".")[0] for k in lora.modules}))
+        raise LoRAError(f"{path} holds no LoRA weights for the UNet (only for {parts}); morphkit needs a UNet part.")
     check_fits(unet, lora, path)
     unet_only = LoraFile({k: m for k, m in lora.modules.items() if k.startswith(UNET_PREFIX)})
-    metadata = {k: v for k, v in peft_metadata(unet_only, "unet").items()}
+    metadata = peft_metadata(unet_only, "unet")
     try:
         with _second_adapter_is_fine():
             unet.load_lora_adapter(diffusers_state_dict(unet_only), prefix="unet", adapter_name=adapter_name,
@@ -254,7 +255,7 @@ def parse_lora_spec(spec: str | os.PathLike, default_weight: float = 1.0) -> tup
 def load_loras(pipe, loras, prefix: str = "lora", allow_pickle: bool = False) -> dict[str, float]:
     """Load several LoRA files into `pipe` as adapters `lora0`, `lora1`, ...; returns {adapter name: weight}.
 
-    `loras` holds paths, `"path:weight"` strings or (path, weight) pairs. Use the result with
+    `loras` holds paths, `"path:weight"` strings or (path or `LoraFile`, weight) pairs. Use the result with
     `adapter_weights(pipe.unet, ...)`. Any file that does not fit the model raises `LoRAError` naming it.
     """
     weights = {}

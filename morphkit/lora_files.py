@@ -116,6 +116,7 @@ class LoraFile:
     modules: dict[str, LoraModule]  # `unet.<path>` / `text_encoder.<path>` -> factors
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "diffusers"
+    path: Path | None = None  # where it was read from, for messages
 
     def part(self, name: str) -> dict[str, LoraModule]:
         """The modules of one model part (`unet`, `text_encoder`), keyed by their path inside it."""
@@ -227,7 +228,7 @@ def read_lora_file(path: str | os.PathLike, allow_pickle: bool = False) -> LoraF
                         "'lora_unet_<module>.lora_down.weight'); it is not a LoRA file.")
     if not modules:
         raise LoRAError(f"{path} holds no LoRA factors.")
-    return LoraFile(modules, metadata, fmt)
+    return LoraFile(modules, metadata, fmt, Path(path))
 
 
 def _pair(path, name: str, down, up, alpha) -> LoraModule:

@@ -26,7 +26,7 @@ from .errors import ConfigError, InputError, MorphkitError, OutputExistsError
 from .images import check_resolution, list_images, open_image, resize_to_policy, save_image
 from .inversion import check_steps
 from .lora import adapter_weights, load_loras, parse_lora_spec, text_encoder_loras
-from .lora_files import read_lora_file
+from .lora_files import LoraFile, read_lora_file
 from .models import DEFAULT_CONTROLNET, DEFAULT_MODEL, encode_image, load_controlnet, load_pipeline
 from .tiny import TINY_NAME
 
@@ -252,15 +252,14 @@ def check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed
         check_resolution(resolution)
 
 
-def check_lora_files(loras, allow_pickle: bool = False) -> list[tuple[Path, float]]:
-    """`path` or `path:weight` specs -> (path, weight), each file read once so that a broken one fails early."""
+def check_lora_files(loras, allow_pickle: bool = False) -> list[tuple[LoraFile, float]]:
+    """`path` or `path:weight` specs -> (LoraFile, weight): each file read and checked once, before the model loads."""
     specs = []
     for item in loras:
         path, weight = item if isinstance(item, tuple) else parse_lora_spec(item)
         if not math.isfinite(float(weight)):
             raise ConfigError(f"The weight of the LoRA {path} must be a finite number; got {weight}.")
-        read_lora_file(path, allow_pickle)  # LoRAError: missing, unreadable, or not a LoRA
-        specs.append((Path(path), float(weight)))
+        specs.append((read_lora_file(path, allow_pickle), float(weight)))  # LoRAError: missing, unreadable, not a LoRA
     return specs
 
 
@@ -355,10 +354,10 @@ def stylize(
     clock = time.perf_counter()
     stylized: list[Stylized] = []
     try:
-        weights = load_loras(cn_pipe, specs, prefix=ADAPTER_PREFIX, allow_pickle=allow_pickle)
+        weights = load_loras(cn_pipe, specs, prefix=ADAPTER_PREFIX)
         weights = {name: w * lora_scale for name, w in weights.items()}
-        lora_files = [(read_lora_file(path, allow_pickle), w * lora_scale) for path, w in specs]
-        with adapter_weights(unet, weights), text_encoder_loras(cn_pipe.text_encoder, lora_files):
+        scaled = [(lora_file, w * lora_scale) for lora_file, w in specs]
+        with adapter_weights(unet, weights), text_encoder_loras(cn_pipe.text_encoder, scaled):
             # 4. each image: size policy, edges, img2img, files
             for file in tqdm(todo, desc="stylizing", unit="image", disable=not progress):
                 try:
@@ -378,7 +377,7 @@ def stylize(
     timings["stylize"] = time.perf_counter() - clock
     order = {f: i for i, f in enumerate(files)}
     failed = dict(sorted(failed.items(), key=lambda item: order[item[0]]))
-    return StylizeResult(stylized, failed, [(p, w * lora_scale) for p, w in specs], out, timings)
+    return StylizeResult(stylized, failed, [(f.path, w * lora_scale) for f, w in specs], out, timings)
 
 
 def _stylize_one(cn_pipe, file: Path, targets: dict[str, Path] | None, resolution: int, canny_low, canny_high,
