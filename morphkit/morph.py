@@ -442,6 +442,7 @@ def morph(
     distance: str = "auto",
     pacing_tolerance: float = 0.05,
     lora_blend: str = "adapters",
+    fit_together: bool = True,
     pipe=None,
     progress: bool = True,
 ) -> MorphResult:
@@ -457,12 +458,15 @@ def morph(
     first pass so that consecutive frames are equally far apart by `distance`, and only frames whose α
     moved by more than `pacing_tolerance` of the frame spacing are rendered again; "linear": α evenly
     spaced), `lora_blend` ("adapters" or "factors", see `morphkit.lora_blend`).
+
+    `fit_together` fits the two LoRAs in one batch per step (`morphkit.train.fit_loras`): the same
+    LoRAs as fitting them one after the other, within fp32 rounding, in fewer UNet calls.
     """
     from tqdm.auto import tqdm
 
     from .metrics import check_distance, get_distance, images_to_tensor, neighbour_distances
     from .models import resolve_device
-    from .train import EncodedExample, TrainSettings, fit_lora
+    from .train import EncodedExample, TrainSettings, fit_lora, fit_loras
 
     # 1. check everything that can be checked before the model is loaded
     alphas = alpha_schedule(frames)
@@ -546,25 +550,31 @@ def morph(
 
     # 3. one LoRA per image: given, cached, or fitted now
     clock = time.perf_counter()
-    lora_ids = []
+    fit_settings = TrainSettings(data="<morph>", model=model, rank=lora_rank, steps=lora_steps,
+                                 learning_rate=lora_lr, seed=seed, resolution=resolution, crop="none",
+                                 checkpointing_steps=0)
+    lora_ids, to_fit = [], {}
     for side, name in enumerate(ADAPTERS):
         if loras[side] is not None:
             load_lora(unet, loras[side], name)
             lora_ids.append(f"file:{sha256_file(loras[side])}")
             continue
-        settings = TrainSettings(data="<morph>", prompt=prompts[side], model=model, rank=lora_rank, steps=lora_steps,
-                                 learning_rate=lora_lr, seed=seed, resolution=resolution, crop="none",
-                                 checkpointing_steps=0)
         key = cache_key("lora", image=image_keys[side], prompt=prompts[side], model=fingerprint, rank=lora_rank,
-                        steps=lora_steps, lr=lora_lr, seed=seed, targets=settings.targets)
+                        steps=lora_steps, lr=lora_lr, seed=seed, targets=fit_settings.targets)
         lora_ids.append(key)
         cached = store.path("lora", key)
         hits[f"lora_{'ab'[side]}"] = bool(cached and cached.is_file())
         if hits[f"lora_{'ab'[side]}"]:
             load_lora(unet, cached, name)
-            continue
-        fit_lora(pipe, [EncodedExample([latents[side][0]], [embeds[side][0]])], settings, adapter_name=name,
-                 progress=progress)
+        else:
+            to_fit[name] = (side, cached)
+    examples = {name: [EncodedExample([latents[side][0]], [embeds[side][0]])] for name, (side, _) in to_fit.items()}
+    if fit_together and len(examples) > 1:
+        fit_loras(pipe, examples, fit_settings, progress=progress)
+    else:
+        for name, encoded in examples.items():
+            fit_lora(pipe, encoded, fit_settings, adapter_name=name, progress=progress)
+    for name, (side, cached) in to_fit.items():
         if cached is not None:
             save_lora(cached, lora_state_dict(unet, name), adapter_metadata(unet, name),
                       {"base_model": model, "prompt": prompts[side], "steps": lora_steps, "seed": seed}, overwrite=True)

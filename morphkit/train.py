@@ -286,23 +286,31 @@ def draw_batch(encoded: list[EncodedExample], micro_step: int, settings: TrainSe
     return torch.stack(latents), torch.stack(embeds)
 
 
-def diffusion_loss(unet, scheduler, latents, embeds, gen: torch.Generator, settings: TrainSettings, autocast):
-    """One denoising loss: noise the latents at random timesteps and score the UNet's prediction."""
+def draw_noise(latents: torch.Tensor, gen: torch.Generator, settings: TrainSettings, num_train_timesteps: int):
+    """The noise and timesteps of one micro-batch, drawn from `gen` (on the CPU, so every device draws alike)."""
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
     if settings.noise_offset:
         noise += settings.noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=gen).to(latents.device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(latents.device)
+    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=gen).to(latents.device)
+    return noise, timesteps
+
+
+def diffusion_loss(unet, scheduler, latents, embeds, noise, timesteps, settings: TrainSettings, autocast,
+                   per_sample: bool = False) -> torch.Tensor:
+    """The denoising loss of `latents` noised with `noise` at `timesteps`: the batch mean, or with
+    `per_sample` one loss per sample (what `fit_loras` sums, so that each adapter learns from its own)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
     target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+    dtype = next(iter(unet.parameters())).dtype  # not `unet.dtype`, which walks every module on each call
     with autocast:
-        pred = unet(noisy.to(unet.dtype), timesteps, embeds.to(unet.dtype)).sample
-    if settings.snr_gamma is None:
-        return F.mse_loss(pred.float(), target.float())
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weights = min_snr_weights(scheduler.alphas_cumprod.to(latents.device), timesteps, settings.snr_gamma, prediction_type)
-    return (per_sample * weights).mean()
+        pred = unet(noisy.to(dtype), timesteps, embeds.to(dtype)).sample
+    losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if settings.snr_gamma is not None:
+        losses = losses * min_snr_weights(scheduler.alphas_cumprod.to(latents.device), timesteps, settings.snr_gamma,
+                                          prediction_type)
+    return losses if per_sample else losses.mean()
 
 
 def total_steps(settings: TrainSettings, n_examples: int) -> int:
@@ -388,6 +396,40 @@ def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
 
 
+def make_optimizer(params, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the LoRA tensors; fused (one kernel for all of them) on CUDA and CPU."""
+    return torch.optim.AdamW(
+        params,
+        lr=settings.learning_rate,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        weight_decay=settings.adam_weight_decay,
+        eps=settings.adam_epsilon,
+        fused=device.type in ("cuda", "cpu"),
+    )
+
+
+def mixed_precision(unet):
+    """The gradient scaler (fp16 on CUDA only, else None or disabled) and autocast context for `unet`'s dtype."""
+    dtype, device = unet.dtype, unet.device
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16) if device.type == "cuda" else None
+    return scaler, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def optimizer_step(optimizer, scaler, clip_groups: list[list[torch.Tensor]], max_grad_norm: float):
+    """Unscale, clip each group of tensors to `max_grad_norm` on its own, step, and clear the gradients."""
+    scaled = scaler is not None and scaler.is_enabled()
+    if scaled:
+        scaler.unscale_(optimizer)
+    for group in clip_groups:
+        torch.nn.utils.clip_grad_norm_(group, max_grad_norm)
+    if scaled:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def fit_lora(
     pipe,
     encoded: list[EncodedExample],
@@ -422,16 +464,8 @@ def fit_lora(
     params = add_lora(unet, settings.shape, adapter_name)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=settings.learning_rate,
-        betas=(settings.adam_beta1, settings.adam_beta2),
-        weight_decay=settings.adam_weight_decay,
-        eps=settings.adam_epsilon,
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=unet.dtype == torch.float16) if device.type == "cuda" else None
-    autocast = torch.autocast(device.type, dtype=unet.dtype, enabled=unet.dtype != torch.float32)
+    optimizer = make_optimizer(params, settings, device)
+    scaler, autocast = mixed_precision(unet)
 
     start = 0
     if resume and checkpoint_dir and (found := list_checkpoints(checkpoint_dir)):
@@ -453,18 +487,12 @@ def fit_lora(
             for micro in range(accum):
                 index = step * accum + micro
                 latents, embeds = draw_batch(encoded, index, settings, latent_size)
-                loss = diffusion_loss(unet, scheduler, latents, embeds, rng(settings.seed, "noise", index), settings, autocast)
+                noise, timesteps = draw_noise(latents, rng(settings.seed, "noise", index), settings,
+                                              scheduler.config.num_train_timesteps)
+                loss = diffusion_loss(unet, scheduler, latents, embeds, noise, timesteps, settings, autocast)
                 (scaler.scale(loss / accum) if scaler and scaler.is_enabled() else loss / accum).backward()
                 step_loss += loss.item() / accum
-            if scaler and scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            if scaler and scaler.is_enabled():
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler, [params], settings.max_grad_norm)
             losses.append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -482,6 +510,87 @@ def fit_lora(
         for p in params:
             p.requires_grad_(False)
     return TrainResult(lora_path=None, steps=steps, losses=losses, resumed_from=start)
+
+
+def fit_loras(
+    pipe,
+    examples: dict[str, list[EncodedExample]],
+    settings: TrainSettings,
+    progress: bool = True,
+) -> dict[str, TrainResult]:
+    """Fit one LoRA adapter per entry of `examples`, all at once: what `morph` does with its two images.
+
+    Each step is one UNet batch holding every adapter's draw, and each sample runs through its own
+    adapter only (per-sample adapter weights, one-hot). The per-sample losses are summed, so each
+    adapter's gradient is that of its own sample; gradients are clipped adapter by adapter, and AdamW
+    works element by element. Every draw is the one `fit_lora` would make for that adapter alone,
+    so the result equals calling `fit_lora` for each entry in turn (within fp32 rounding) for the cost
+    of one batched step per step instead of one step per adapter.
+
+    Needs batch_size 1, no gradient accumulation, and latents of one shape; it writes no checkpoints.
+    """
+    from diffusers import DDPMScheduler
+
+    from .lora import adapter_weights
+
+    if settings.batch_size != 1 or settings.gradient_accumulation_steps != 1:
+        raise ConfigError("Fitting several LoRAs together takes batch_size 1 and no gradient accumulation; "
+                          "fit them one by one with fit_lora instead.")
+    names = list(examples)
+    shapes = {tuple(z.shape) for name in names for ex in examples[name] for z in ex.latents}
+    if len(shapes) > 1:
+        raise ConfigError(f"Fitting several LoRAs together needs latents of one shape; these have {sorted(shapes)}.")
+    unet = pipe.unet
+    device = unet.device
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    steps = {name: total_steps(settings, len(examples[name])) for name in names}
+    if len(set(steps.values())) > 1:
+        raise ConfigError("Fitting several LoRAs together needs one step count for all of them; give steps.")
+    steps = steps[names[0]]
+    latent_size = (settings.resolution or 8 * unet.config.sample_size) // 8
+
+    params = {}
+    for name in names:
+        torch.manual_seed(settings.seed)  # each LoRA starts where fit_lora would start it
+        params[name] = add_lora(unet, settings.shape, name)
+    optimizer = make_optimizer([p for group in params.values() for p in group], settings, device)
+    scaler, autocast = mixed_precision(unet)
+    one_hot = {name: torch.eye(len(names))[i] for i, name in enumerate(names)}
+
+    losses = {name: [] for name in names}
+    bar = tqdm(total=steps, desc=f"fitting LoRAs {', '.join(names)}", disable=not progress, unit="step",
+               file=sys.stderr, dynamic_ncols=True)
+    unet.train()
+    try:
+        with adapter_weights(unet, one_hot):
+            for group in params.values():  # activating adapters may mark them frozen; all of them train here
+                for p in group:
+                    p.requires_grad_(True)
+            for step in range(steps):
+                lr = lr_at(step, settings.learning_rate, settings.lr_scheduler, settings.lr_warmup_steps, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                draws = [draw_batch(examples[name], step, settings, latent_size) for name in names]
+                latents = torch.cat([z for z, _ in draws])
+                embeds = torch.cat([e for _, e in draws])
+                noise, timesteps = zip(*(draw_noise(z, rng(settings.seed, "noise", step), settings,
+                                                    scheduler.config.num_train_timesteps) for z, _ in draws))
+                per_sample = diffusion_loss(unet, scheduler, latents, embeds, torch.cat(noise), torch.cat(timesteps),
+                                            settings, autocast, per_sample=True)
+                loss = per_sample.sum()
+                (scaler.scale(loss) if scaler and scaler.is_enabled() else loss).backward()
+                optimizer_step(optimizer, scaler, list(params.values()), settings.max_grad_norm)
+                for name, value in zip(names, per_sample.tolist()):
+                    losses[name].append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(per_sample.tolist()) / len(names):.4f}", lr=f"{lr:.2e}")
+    finally:
+        bar.close()
+        unet.eval()
+        for group in params.values():
+            for p in group:
+                p.requires_grad_(False)
+    return {name: TrainResult(lora_path=None, steps=steps, losses=losses[name], resumed_from=0) for name in names}
 
 
 def train_lora(
