@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from .lora import adapter_metadata, adapter_weights, load_lora, lora_state_dict,
 from .lora_blend import check_blend_mode, factor_layers
 from .lora_blend import lora_blend as blend_loras
 from .models import DEFAULT_MODEL, decode_latents, encode_image, encode_prompt, load_pipeline
+from .stages import Stages
 
 ADAPTERS = ("img0", "img1")  # not "a"/"b": diffusers matches adapter names as substrings of module keys
 PACINGS = ("even", "linear")
@@ -379,6 +379,19 @@ def _tracking_steps(model, run: _AttentionRun, step_of: dict):
     return tracked
 
 
+@torch.no_grad()
+def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor, adapters: list[str], schedule,
+                       progress: bool = False, desc: str = "inverting") -> torch.Tensor:
+    """DDIM-invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone and its
+    own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls."""
+    unet = pipe.unet
+    weights = {name: torch.tensor([float(name == other) for other in adapters]) for name in dict.fromkeys(adapters)}
+    with adapter_weights(unet, weights):
+        model = eps_model(unet, embeds, prediction_type=pipe.scheduler.config.prediction_type,
+                          alphas_cumprod=pipe.scheduler.alphas_cumprod)
+        return invert_ddim(model, latents, schedule, disable=not progress, desc=desc)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole job
 
@@ -391,6 +404,7 @@ class MorphResult:
     paths: dict[str, Path] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     cache_hits: dict[str, bool] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)  # per stage, bytes of GPU memory (CUDA only)
     attention_steps: int = 0  # of the sampling steps, how many used interpolated self-attention
     attention_bytes: int = 0  # the most memory the kept end-frame self-attention inputs took
     pacing: str = "linear"
@@ -516,10 +530,10 @@ def morph(
             raise OutputExistsError(f"{out} already holds a morph ({', '.join(taken)}). Pass --overwrite to replace "
                                     "it, or choose another --output-dir.")
 
-    timings: dict[str, float] = {}
     hits: dict[str, bool] = {}
     store = TensorCache.default(cache, cache_dir)
-    clock = time.perf_counter()
+    stages = Stages(pipe.unet.device if pipe is not None else resolve_device(device))
+    stages.begin()
 
     # 2. model, images at one size, latents and prompt embeddings
     given_pipe = pipe
@@ -546,10 +560,9 @@ def morph(
     if source is None:
         store = TensorCache(None)
     fingerprint = f"{model_fingerprint(str(source))}:{unet.dtype}"
-    timings["load"] = time.perf_counter() - clock
+    stages.end("load")
 
     # 3. one LoRA per image: given, cached, or fitted now
-    clock = time.perf_counter()
     fit_settings = TrainSettings(data="<morph>", model=model, rank=lora_rank, steps=lora_steps,
                                  learning_rate=lora_lr, seed=seed, resolution=resolution, crop="none",
                                  checkpointing_steps=0)
@@ -580,31 +593,31 @@ def morph(
                       {"base_model": model, "prompt": prompts[side], "steps": lora_steps, "seed": seed}, overwrite=True)
     if lora_blend == "factors":
         factor_layers(unet, ADAPTERS)  # two LoRAs of different ranks cannot blend by factors: say so now
-    timings["fit"] = time.perf_counter() - clock
+    stages.end("fit")
 
-    # 4. each image inverted under its own LoRA and prompt
-    clock = time.perf_counter()
+    # 4. each image inverted under its own LoRA and prompt; the two together, in one batch, when both are due
     schedule = ddim_schedule(pipe.scheduler.config, steps)
-    noises = []
-    for side, name in enumerate(ADAPTERS):
+    noises, due = [None, None], []
+    for side in range(2):
         key = cache_key("inversion", image=image_keys[side], prompt=prompts[side], model=fingerprint,
                         lora=lora_ids[side], steps=steps)
         entry = store.get("inversion", key)
         hits[f"inversion_{'ab'[side]}"] = entry is not None
         if entry is None:
-            with adapter_weights(unet, {name: 1.0}):
-                model_fn = eps_model(unet, embeds[side], prediction_type=pipe.scheduler.config.prediction_type,
-                                     alphas_cumprod=pipe.scheduler.alphas_cumprod)
-                noise = invert_ddim(model_fn, latents[side], schedule, disable=not progress,
-                                    desc=f"inverting {'AB'[side]}")
-            store.put("inversion", key, {"noise": noise})
+            due.append((side, key))
         else:
-            noise = entry["noise"].to(unet.device)
-        noises.append(noise)
-    timings["invert"] = time.perf_counter() - clock
+            noises[side] = entry["noise"].to(unet.device)
+    if due:
+        sides = [side for side, _ in due]
+        inverted = invert_under_loras(pipe, torch.cat([latents[s] for s in sides]), torch.cat([embeds[s] for s in sides]),
+                                      [ADAPTERS[s] for s in sides], schedule, progress=progress,
+                                      desc=f"inverting {' and '.join('AB'[s] for s in sides)}")
+        for (side, key), noise in zip(due, inverted.split(1)):
+            store.put("inversion", key, {"noise": noise})
+            noises[side] = noise
+    stages.end("invert")
 
     # 5. the frames: all of them at evenly spaced α, then (even pacing) again those whose α moves
-    clock = time.perf_counter()
     attn_store = None
     if frames > 2 and attention_steps(attn_lambda, steps):
         attn_store = AttentionStore(attention_steps(attn_lambda, steps), keep=paced)
@@ -635,10 +648,9 @@ def morph(
         bar.close()
         if attn_store is not None:
             attn_store.clear()
-    timings["render"] = time.perf_counter() - clock
+    stages.end("render")
 
     # 6. files
-    clock = time.perf_counter()
     paths: dict[str, Path] = {}
     sequence = boomerang(pictures) if back_and_forth else pictures
     if "gif" in formats:
@@ -647,8 +659,8 @@ def morph(
         paths["mp4"] = save_mp4(sequence, out / "morph.mp4", 1000 / duration, overwrite=overwrite)
     if "png" in formats:
         paths["png"] = save_frames(pictures, out / "frames", overwrite=overwrite)
-    timings["export"] = time.perf_counter() - clock
-    return MorphResult(pictures, alphas.tolist(), out, paths, timings, hits,
+    stages.end("export")
+    return MorphResult(pictures, alphas.tolist(), out, paths, stages.seconds, hits, peak_memory=stages.peak_bytes,
                        attention_steps=attn_store.steps if attn_store is not None else 0,
                        attention_bytes=attn_store.peak_bytes if attn_store is not None else 0,
                        pacing=pacing, distance=distance_name if paced else None, rerendered=rerendered,

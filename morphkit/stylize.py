@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from .images import check_resolution, list_images, open_image, resize_to_policy,
 from .inversion import check_steps
 from .lora import adapter_weights, load_loras, parse_lora_spec, text_encoder_loras
 from .lora_files import LoraFile, read_lora_file
-from .models import DEFAULT_CONTROLNET, DEFAULT_MODEL, encode_image, load_controlnet, load_pipeline
+from .models import DEFAULT_CONTROLNET, DEFAULT_MODEL, encode_image, load_controlnet, load_pipeline, resolve_device
+from .stages import Stages
 from .tiny import TINY_NAME
 
 CANNY_SIGMA = 0.33  # automatic thresholds: (1 -/+ sigma) x the median brightness
@@ -180,6 +180,7 @@ class StylizeResult:
     loras: list[tuple[Path, float]]  # each LoRA file and the weight it ran at (its own weight x lora_scale)
     output_dir: Path | None
     timings: dict[str, float]
+    peak_memory: dict[str, int] = field(default_factory=dict)  # per stage, bytes of GPU memory (CUDA only)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -333,8 +334,8 @@ def stylize(
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
     from tqdm.auto import tqdm
 
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    stages = Stages(pipe.unet.device if pipe is not None else resolve_device(device))
+    stages.begin()
     if isinstance(pipe, StableDiffusionControlNetImg2ImgPipeline):
         cn_pipe = pipe
         check_controlnet_fits(cn_pipe.controlnet, cn_pipe.unet)
@@ -348,10 +349,9 @@ def stylize(
     cn_pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
     unet = cn_pipe.unet
     resolution = resolution or 8 * unet.config.sample_size
-    timings["load"] = time.perf_counter() - clock
+    stages.end("load")
 
     # 3. the LoRAs, into the UNet before any image is drawn (a LoRA that does not fit raises LoRAError here)
-    clock = time.perf_counter()
     stylized: list[Stylized] = []
     try:
         weights = load_loras(cn_pipe, specs, prefix=ADAPTER_PREFIX)
@@ -374,10 +374,11 @@ def stylize(
         for i in range(len(specs)):
             if f"{ADAPTER_PREFIX}{i}" in getattr(unet, "peft_config", {}):
                 unet.delete_adapters(f"{ADAPTER_PREFIX}{i}")
-    timings["stylize"] = time.perf_counter() - clock
+    stages.end("stylize")
     order = {f: i for i, f in enumerate(files)}
     failed = dict(sorted(failed.items(), key=lambda item: order[item[0]]))
-    return StylizeResult(stylized, failed, [(f.path, w * lora_scale) for f, w in specs], out, timings)
+    return StylizeResult(stylized, failed, [(f.path, w * lora_scale) for f, w in specs], out, stages.seconds,
+                         stages.peak_bytes)
 
 
 def _stylize_one(cn_pipe, file: Path, targets: dict[str, Path] | None, resolution: int, canny_low, canny_high,

@@ -9,7 +9,7 @@ from PIL import Image
 import morphkit
 from cli.main import app
 from morphkit import train as train_module
-from morphkit.inversion import ddim_schedule, sample_ddim, eps_model
+from morphkit.inversion import ddim_schedule, eps_model, invert_ddim, sample_ddim
 from morphkit.lora import LoraShape, add_lora, adapter_weights
 from morphkit.lora_blend import factor_blend, factor_delta, factor_layers, lora_blend
 from morphkit.metrics import get_distance, images_to_tensor, neighbour_distances, pdv
@@ -186,6 +186,22 @@ def test_per_sample_adapter_weights_equal_set_adapters_per_frame(tiny_pipe):
             assert (batched[i] - single[0]).abs().max() < 1e-5
 
 
+def test_both_images_inverted_in_one_batch_equal_each_inverted_alone(tiny_pipe):
+    from morphkit.morph import invert_under_loras
+
+    pipe = two_adapters(tiny_pipe)
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn((2, 4, 8, 8), generator=g)
+    embeds = torch.cat([encode_prompt(pipe, "a photo of a cat"), encode_prompt(pipe, "a dog")])
+    schedule = ddim_schedule(pipe.scheduler.config, 8)
+    together = invert_under_loras(pipe, latents, embeds, ["img0", "img1"], schedule)
+    for i, name in enumerate(("img0", "img1")):
+        with adapter_weights(pipe.unet, {name: 1.0}):
+            alone = invert_ddim(eps_model(pipe.unet, embeds[i:i + 1]), latents[i:i + 1], schedule)
+        assert (together[i] - alone[0]).abs().max() < 1e-5 * alone.abs().max()
+    assert (together[0] - together[1]).abs().max() > 0.1  # different images, adapters and prompts
+
+
 def test_batched_rendering_equals_one_frame_at_a_time(tiny_pipe):
     pipe = two_adapters(tiny_pipe)
     g = torch.Generator().manual_seed(4)
@@ -280,6 +296,7 @@ def test_morph_writes_gif_mp4_and_frames(pair, tmp_path):
     assert [p.name for p in pngs] == [f"frame_{i:03d}.png" for i in range(5)]
     assert Image.open(pngs[2]).size == (80, 64)
     assert set(result.timings) == {"load", "fit", "invert", "render", "export"}
+    assert all(s >= 0 for s in result.timings.values()) and result.peak_memory == {}  # GPU memory is CUDA-only
 
 
 def test_end_frames_reproduce_the_inputs(pair, tiny_pipe):
