@@ -33,8 +33,8 @@ from morphkit.images import load_image, to_tensor  # noqa: E402
 from morphkit.inversion import ddim_schedule, eps_model, invert_ddim  # noqa: E402
 from morphkit.lora import adapter_weights  # noqa: E402
 from morphkit.models import SD15_CONFIG, decode_latents, encode_image, encode_prompt, load_pipeline, resolve_device  # noqa: E402
-from morphkit.morph import cover_resize  # noqa: E402
-from morphkit.train import EncodedExample, TrainSettings, fit_lora  # noqa: E402
+from morphkit.morph import cover_resize, invert_under_loras  # noqa: E402
+from morphkit.train import EncodedExample, TrainSettings, fit_lora, fit_loras  # noqa: E402
 from reference import reference_morph  # noqa: E402
 
 PRESETS = {
@@ -94,6 +94,9 @@ def main():
     parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-reference", action="store_true", help="Skip the straightforward reference.")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="UNet and VAE in channels-last memory format (for both morphkit and the reference); "
+                             "results get a -channels-last suffix. On 2 CPU cores it did not pay.")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
@@ -111,6 +114,9 @@ def main():
     with Timer(device) as t:
         pipe = load_pipeline("tiny", device=device, dtype=dtype) if args.size == "tiny" else build_sd15(device, dtype)
     record("model load" if args.size == "tiny" else "model build (random weights)", t)
+    if args.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
     resolution = settings["resolution"] or 8 * pipe.unet.config.sample_size
     img_a = load_image(PHOTOS / "astronaut.jpg", resolution)
     img_b = cover_resize(load_image(PHOTOS / "chelsea.jpg"), img_a.size)
@@ -127,13 +133,21 @@ def main():
     embeds = encode_prompt(pipe, prompts[0])
     lora_steps = settings["lora_steps"]
     train_settings = TrainSettings(data="-", steps=lora_steps, resolution=resolution, crop="none", checkpointing_steps=0)
+    example = [EncodedExample([latent[0]], [embeds[0]])]
     with Timer(device) as t:
-        fit_lora(pipe, [EncodedExample([latent[0]], [embeds[0]])], train_settings, adapter_name="bench", progress=False)
-    record("LoRA training step", t, lora_steps)
+        fit_lora(pipe, example, train_settings, adapter_name="bench", progress=False)
+    record("LoRA training step (one LoRA)", t, lora_steps)
+    with Timer(device) as t:
+        fit_loras(pipe, {"pair0": example, "pair1": example}, train_settings, progress=False)
+    record("LoRA training step (two LoRAs in one batch, as morph fits them)", t, lora_steps)
+    pipe.unet.delete_adapters(["pair0", "pair1"])
     schedule = ddim_schedule(pipe.scheduler.config, settings["steps"])
     with Timer(device) as t, adapter_weights(pipe.unet, {"bench": 1.0}):
         invert_ddim(eps_model(pipe.unet, embeds), latent, schedule)
-    record("inversion step", t, settings["steps"])
+    record("inversion step (one image)", t, settings["steps"])
+    with Timer(device) as t:
+        invert_under_loras(pipe, latent.repeat(2, 1, 1, 1), embeds.repeat(2, 1, 1), ["bench", "bench"], schedule)
+    record("inversion step (two images in one batch, as morph inverts them)", t, settings["steps"])
     pipe.unet.delete_adapters("bench")
 
     # --- the whole morph: morphkit, then the reference, on the same pipeline ---
@@ -147,6 +161,8 @@ def main():
     record("morphkit: whole morph", t)
     for stage, seconds in result.timings.items():
         timings[f"morphkit: {stage}"] = seconds
+        if stage in result.peak_memory:
+            memory[f"morphkit: {stage}"] = round(result.peak_memory[stage] / 2**30, 2)
     timings["morphkit: rendering per frame"] = result.timings["render"] / settings["frames"]
     for name in ("img0", "img1"):
         pipe.unet.delete_adapters(name)
@@ -167,7 +183,7 @@ def main():
     report = {
         "size": args.size,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", "") + (", channels-last" if args.channels_last else ""),
         "settings": {**settings, "resolution": resolution, "frame size": list(img_a.size)},
         "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
                      "peft": __import__("peft").__version__, "morphkit": morphkit.__version__, "python": platform.python_version()},
@@ -178,7 +194,7 @@ def main():
         "morphkit_defaults": memory_note,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.size}-{device.type}"
+    stem = f"{args.size}-{device.type}" + ("-channels-last" if args.channels_last else "")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# morph benchmark: {args.size} on {report['device']}", "",
              f"Command: `{report['command']}`  ", f"dtype {report['dtype']}; settings {json.dumps(report['settings'])}  ",
