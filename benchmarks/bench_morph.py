@@ -97,6 +97,9 @@ def main():
     parser.add_argument("--channels-last", action="store_true",
                         help="UNet and VAE in channels-last memory format (for both morphkit and the reference); "
                              "results get a -channels-last suffix. On 2 CPU cores it did not pay.")
+    parser.add_argument("--compile", action="store_true",
+                        help="Also time morphkit's plain morph rendered through torch.compile, twice (the first run "
+                             "compiles); results get a -compile suffix.")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
@@ -170,6 +173,15 @@ def main():
         result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common)
     record("morphkit defaults (attention interpolation, AdaIN, even pacing): whole morph", t)
     timings["morphkit defaults: render"] = result.timings["render"]
+    if args.compile:
+        for run in ("first run, compiling", "second run"):
+            for name in ("img0", "img1"):
+                pipe.unet.delete_adapters(name)
+            with Timer(device) as t:
+                result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common, **plain,
+                                        compile_unet=True)
+            record(f"morphkit + torch.compile ({run}): whole morph", t)
+            timings[f"morphkit + torch.compile ({run}): render"] = result.timings["render"]
     memory_note = f"attention store {result.attention_bytes / 2**20:.1f} MiB, {len(result.rerendered)} frames re-rendered"
     if not args.no_reference:
         for name in ("img0", "img1"):
@@ -194,7 +206,8 @@ def main():
         "morphkit_defaults": memory_note,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.size}-{device.type}" + ("-channels-last" if args.channels_last else "")
+    stem = (f"{args.size}-{device.type}" + ("-channels-last" if args.channels_last else "")
+            + ("-compile" if args.compile else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# morph benchmark: {args.size} on {report['device']}", "",
              f"Command: `{report['command']}`  ", f"dtype {report['dtype']}; settings {json.dumps(report['settings'])}  ",

@@ -48,7 +48,7 @@ from .io import sha256_file
 from .lora import adapter_metadata, adapter_weights, load_lora, lora_state_dict, save_lora
 from .lora_blend import check_blend_mode, factor_layers
 from .lora_blend import lora_blend as blend_loras
-from .models import DEFAULT_MODEL, decode_latents, encode_image, encode_prompt, load_pipeline
+from .models import DEFAULT_MODEL, compiled, decode_latents, encode_image, encode_prompt, load_pipeline
 from .stages import Stages
 
 ADAPTERS = ("img0", "img1")  # not "a"/"b": diffusers matches adapter names as substrings of module keys
@@ -457,6 +457,7 @@ def morph(
     pacing_tolerance: float = 0.05,
     lora_blend: str = "adapters",
     fit_together: bool = True,
+    compile_unet: bool = False,
     pipe=None,
     progress: bool = True,
 ) -> MorphResult:
@@ -475,6 +476,8 @@ def morph(
 
     `fit_together` fits the two LoRAs in one batch per step (`morphkit.train.fit_loras`): the same
     LoRAs as fitting them one after the other, within fp32 rounding, in fewer UNet calls.
+    `compile_unet` renders through `torch.compile` (`morphkit.models.compiled`): the first batch waits
+    for the compiler, so it pays only for long renders (many frames, many steps, or a warm compile cache).
     """
     from tqdm.auto import tqdm
 
@@ -629,25 +632,26 @@ def morph(
 
     bar = tqdm(total=frames, desc="rendering frames", unit="frame", disable=not progress)
     rerendered, first_distances, distances = [], [], []
-    try:
-        pictures = render(alphas, bar)
-        if paced:
-            first_distances = neighbour_distances(images_to_tensor(pictures), distance_fn)
-            target = even_alphas(alphas, first_distances)
-            moved = moved_frames(alphas, target, pacing_tolerance)
-            rerendered = moved.nonzero().flatten().tolist()
-            distances = first_distances
-            if rerendered:
-                bar.total += len(rerendered)
-                bar.refresh()
-                for i, picture in zip(rerendered, render(target[moved], bar)):
-                    pictures[i] = picture
-                alphas = torch.where(moved, target, alphas)
-                distances = neighbour_distances(images_to_tensor(pictures), distance_fn)
-    finally:
-        bar.close()
-        if attn_store is not None:
-            attn_store.clear()
+    with compiled(unet, enabled=compile_unet):
+        try:
+            pictures = render(alphas, bar)
+            if paced:
+                first_distances = neighbour_distances(images_to_tensor(pictures), distance_fn)
+                target = even_alphas(alphas, first_distances)
+                moved = moved_frames(alphas, target, pacing_tolerance)
+                rerendered = moved.nonzero().flatten().tolist()
+                distances = first_distances
+                if rerendered:
+                    bar.total += len(rerendered)
+                    bar.refresh()
+                    for i, picture in zip(rerendered, render(target[moved], bar)):
+                        pictures[i] = picture
+                    alphas = torch.where(moved, target, alphas)
+                    distances = neighbour_distances(images_to_tensor(pictures), distance_fn)
+        finally:
+            bar.close()
+            if attn_store is not None:
+                attn_store.clear()
     stages.end("render")
 
     # 6. files
