@@ -69,6 +69,12 @@ class Timer:
         self.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
 
 
+def load_tiny(device, dtype):
+    """The tiny model through morphkit's loader, then cast (so a half dtype can be timed on a CPU too)."""
+    pipe = load_pipeline("tiny", device=device, dtype=torch.float32)
+    return pipe.to(device, dtype)
+
+
 def build_sd15(device, dtype):
     """The full-size SD 1.5 pipeline with random weights, from the shipped configs."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -100,13 +106,16 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="Also time morphkit's plain morph rendered through torch.compile, twice (the first run "
                              "compiles); results get a -compile suffix.")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="morphkit's dtype: fp16 on CUDA and fp32 on CPU unless given.")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
     settings = PRESETS["sd15-cpu" if args.size == "sd15" and device.type == "cpu" else "full"]
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     timings, memory = {}, {}
 
     def record(name, timer, per=1):
@@ -115,7 +124,7 @@ def main():
             memory[name] = round(timer.peak_gib, 2)
 
     with Timer(device) as t:
-        pipe = load_pipeline("tiny", device=device, dtype=dtype) if args.size == "tiny" else build_sd15(device, dtype)
+        pipe = load_tiny(device, dtype) if args.size == "tiny" else build_sd15(device, dtype)
     record("model load" if args.size == "tiny" else "model build (random weights)", t)
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
@@ -186,11 +195,31 @@ def main():
     if not args.no_reference:
         for name in ("img0", "img1"):
             pipe.unet.delete_adapters(name)
-        tensors = [to_tensor(img).to(device, dtype) for img in (img_a, img_b)]
-        with Timer(device) as t:
-            reference_morph(pipe, *tensors, *prompts, settings["frames"], settings["steps"], lora_steps)
-        record("reference: whole morph", t)
+        # The reference as the issue defines it runs in fp32. Where morphkit runs in another dtype (fp16 on
+        # CUDA), the reference also runs in morphkit's dtype, so the ratio can be read both ways.
+        runs = [(torch.float32, "reference: whole morph")]
+        if dtype != torch.float32:
+            runs.append((dtype, f"reference in {str(dtype).replace('torch.', '')}: whole morph"))
+        for ref_dtype, label in runs:
+            if ref_dtype == dtype:
+                ref_pipe = pipe
+            else:
+                ref_pipe = load_tiny(device, ref_dtype) if args.size == "tiny" else build_sd15(device, ref_dtype)
+                if args.channels_last:
+                    ref_pipe.unet.to(memory_format=torch.channels_last)
+                    ref_pipe.vae.to(memory_format=torch.channels_last)
+            tensors = [to_tensor(img).to(device, ref_dtype) for img in (img_a, img_b)]
+            with Timer(device) as t:
+                reference_morph(ref_pipe, *tensors, *prompts, settings["frames"], settings["steps"], lora_steps)
+            record(label, t)
+            if ref_pipe is not pipe:
+                del ref_pipe
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         timings["speed-up (reference / morphkit)"] = timings["reference: whole morph"] / timings["morphkit: whole morph"]
+        if len(runs) > 1:
+            timings["speed-up (reference in morphkit's dtype / morphkit)"] = (
+                timings[runs[1][1]] / timings["morphkit: whole morph"])
 
     report = {
         "size": args.size,
@@ -206,7 +235,7 @@ def main():
         "morphkit_defaults": memory_note,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = (f"{args.size}-{device.type}" + ("-channels-last" if args.channels_last else "")
+    stem = (f"{args.size}-{device.type}" + (f"-{args.dtype}" if args.dtype else "") + ("-channels-last" if args.channels_last else "")
             + ("-compile" if args.compile else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# morph benchmark: {args.size} on {report['device']}", "",
