@@ -241,6 +241,8 @@ def morph(
         typer.echo(line)
     typer.echo("Time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())
                + (f" (from cache: {', '.join(cached)})" if cached else ""))
+    if result.peak_memory:  # CUDA only
+        typer.echo("Peak GPU memory: " + ", ".join(f"{stage} {format_bytes(n)}" for stage, n in result.peak_memory.items()))
     for kind, path in result.paths.items():
         typer.echo(f"{kind}: {path}")
 
