@@ -45,7 +45,7 @@ from .export import FORMATS, boomerang, save_frames, save_gif, save_mp4
 from .images import center_crop, check_resolution, open_image, resize_to_policy, to_pil
 from .inversion import check_steps, ddim_schedule, eps_model, invert_ddim, sample_ddim
 from .io import sha256_file
-from .lora import adapter_metadata, adapter_weights, load_lora, lora_state_dict, save_lora
+from .lora import adapter_metadata, adapter_weights, load_lora, lora_state_dict, one_hot_weights, save_lora
 from .lora_blend import check_blend_mode, factor_layers
 from .lora_blend import lora_blend as blend_loras
 from .models import DEFAULT_MODEL, compiled, decode_latents, encode_image, encode_prompt, load_pipeline
@@ -256,6 +256,11 @@ class _AttentionRun:
         self.inner, self.group = inner.to(device), group[inner].to(device)
         self.alpha = alphas[inner].float().view(-1, 1, 1).to(device)
 
+    @torch.compiler.disable  # the step and the store are Python state: under torch.compile they must not
+    def interpolated_inputs(self, layer: str, hidden: torch.Tensor) -> torch.Tensor | None:  # become guards
+        """`key_value_inputs` during the interpolated steps; None (plain self-attention) after them."""
+        return self.key_value_inputs(layer, hidden) if self.step < self.store.steps else None
+
     def key_value_inputs(self, layer: str, hidden: torch.Tensor) -> torch.Tensor | None:
         """The tensor the keys and values are computed from: for the in-between samples, the interpolation of
         the two ends' inputs at their α; for the ends, their own inputs. None where the batch has no
@@ -288,8 +293,8 @@ class InterpolatedSelfAttnProcessor:
         self.name, self.original, self.run = name, original, run
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is None and self.run.step < self.run.store.steps and hidden_states.dim() == 3:
-            encoder_hidden_states = self.run.key_value_inputs(self.name, hidden_states)
+        if encoder_hidden_states is None and hidden_states.dim() == 3:
+            encoder_hidden_states = self.run.interpolated_inputs(self.name, hidden_states)
         if temb is not None:
             kwargs["temb"] = temb
         return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -385,8 +390,7 @@ def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor, adapte
     """DDIM-invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone and its
     own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls."""
     unet = pipe.unet
-    weights = {name: torch.tensor([float(name == other) for other in adapters]) for name in dict.fromkeys(adapters)}
-    with adapter_weights(unet, weights):
+    with adapter_weights(unet, one_hot_weights(adapters, unet.device)):
         model = eps_model(unet, embeds, prediction_type=pipe.scheduler.config.prediction_type,
                           alphas_cumprod=pipe.scheduler.alphas_cumprod)
         return invert_ddim(model, latents, schedule, disable=not progress, desc=desc)

@@ -283,6 +283,16 @@ def pair(tmp_path):
     return make_photo(tmp_path / "a.png", seed=1), make_photo(tmp_path / "b.png", size=(64, 96), seed=2)
 
 
+def test_morph_fitting_the_loras_together_or_one_by_one_gives_the_same_frames(pair, tiny_pipe):
+    common = dict(FAST, prompt="a photo", formats=(), cache=False, pipe=tiny_pipe, pacing="linear")
+    together = morphkit.morph(*pair, fit_together=True, **common)
+    apart = morphkit.morph(*pair, fit_together=False, **common)
+    a = np.stack([np.asarray(f, dtype=np.int16) for f in together.frames])
+    b = np.stack([np.asarray(f, dtype=np.int16) for f in apart.frames])
+    assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05  # 8-bit rounding of near-equal frames
+    assert np.abs(a[0] - a[-1]).mean() > 5  # and the frames are a morph, not a constant
+
+
 def test_morph_writes_gif_mp4_and_frames(pair, tmp_path):
     out = tmp_path / "morph"
     result = morphkit.morph(*pair, prompt="a photo", output_dir=out, frame_duration_ms=120, **FAST)
@@ -463,25 +473,34 @@ def test_a_reused_pipeline_keeps_no_adapter_state(pair, tiny_pipe, tmp_path):
 
 
 @pytest.mark.parametrize("blend", ["adapters", "factors"])
-def test_rendering_through_torch_compile_gives_the_same_frames(tiny_pipe, blend):
+def test_rendering_through_torch_compile_gives_the_same_frames_and_compiles_once(tiny_pipe, blend):
     # backend "eager": dynamo traces the UNet with the LoRAs, per-sample adapter weights and attention
-    # interpolation, and runs the captured graphs without inductor's code generation (which takes ~40 s even here).
+    # interpolation, and runs the captured graphs without inductor's code generation (which takes ~40 s).
+    from torch._dynamo.utils import counters
+
     from morphkit.models import compiled
 
     pipe = two_adapters(tiny_pipe)
     g = torch.Generator().manual_seed(6)
     noise = [torch.randn((1, 4, 8, 8), generator=g) for _ in range(2)]
     embeds = [encode_prompt(pipe, "a photo of a cat"), encode_prompt(pipe, "a dog")]
-    schedule = ddim_schedule(pipe.scheduler.config, 4)
     alphas = torch.linspace(0, 1, 4, dtype=torch.float64)
-    opts = dict(batch_size=4, adain=True, blend=blend)
-    eager = render_frames(pipe, *noise, *embeds, alphas, schedule, attention=AttentionStore(2), **opts)
-    torch._dynamo.reset()
-    try:
-        with compiled(pipe.unet, backend="eager") as unet:
-            assert "forward" in unet.__dict__  # the compiled wrapper is in place
-            traced = render_frames(pipe, *noise, *embeds, alphas, schedule, attention=AttentionStore(2), **opts)
-    finally:
+    graphs = {}
+    for steps in (3, 6) if blend == "adapters" else (3,):
+        schedule = ddim_schedule(pipe.scheduler.config, steps)
+        opts = dict(batch_size=4, adain=True, blend=blend)
+        eager = render_frames(pipe, *noise, *embeds, alphas, schedule, attention=AttentionStore(steps - 1), **opts)
         torch._dynamo.reset()
-    assert "forward" not in pipe.unet.__dict__  # the module's own forward is back
-    assert (traced - eager).abs().max() < 1e-5 * eager.abs().max()
+        counters.clear()
+        try:
+            with compiled(pipe.unet, backend="eager") as unet:
+                assert "forward" in unet.__dict__  # the compiled wrapper is in place
+                traced = render_frames(pipe, *noise, *embeds, alphas, schedule, attention=AttentionStore(steps - 1),
+                                       **opts)
+            graphs[steps] = counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+        assert "forward" not in pipe.unet.__dict__  # the module's own forward is back
+        assert (traced - eager).abs().max() < 1e-5 * eager.abs().max()
+    # the interpolation's step counter is not a compiled guard: twice the steps, no more graphs
+    assert graphs[3] > 0 and len(set(graphs.values())) == 1, graphs
