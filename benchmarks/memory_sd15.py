@@ -4,10 +4,12 @@
 
 The full-size architecture is built from morphkit/configs/sd15 on the meta device, the two LoRAs are
 added by morphkit, and then every weight is replaced by a *fake* tensor (torch's FakeTensorMode: shape,
-dtype and device, no data). morphkit's own stage code then runs on it, with the batch shapes a morph
-uses at DiffMorpher's settings: one step of `fit_loras` (both LoRAs in one batch), `invert_under_loras`
-(both images in one batch), the whole of `render_frames` (8 frames per batch, 50 steps, attention
-interpolation with λ = 0.6, so the attention store is included), and VAE encode and `decode_latents`.
+dtype and device, no data). morphkit's stage code then runs on it, with the batch shapes a morph uses
+at DiffMorpher's settings: one LoRA step as `fit_loras` takes it (both LoRAs in one batch, its loss,
+autocast and optimizer, written out here because `fit_loras` adds its adapters itself, which fake
+weights do not allow), `invert_under_loras` (both images in one batch), the whole of `render_frames`
+(8 frames per batch, 50 steps, attention interpolation with λ = 0.6, so the attention store is
+included), and VAE encode and `decode_latents`.
 A dispatch mode counts the bytes of every tensor storage alive after each operation; its peak is the
 stage's peak.
 
@@ -40,10 +42,10 @@ sys.path.insert(0, str(HERE.parent))
 
 import morphkit  # noqa: E402
 from morphkit.inversion import ddim_schedule  # noqa: E402
-from morphkit.lora import LoraShape, add_lora, adapter_weights  # noqa: E402
+from morphkit.lora import LoraShape, add_lora, adapter_weights, one_hot_weights  # noqa: E402
 from morphkit.models import SD15_CONFIG, decode_latents  # noqa: E402
 from morphkit.morph import ADAPTERS, AttentionStore, attention_steps, invert_under_loras, render_frames  # noqa: E402
-from morphkit.train import TrainSettings, diffusion_loss, draw_noise, make_optimizer, rng  # noqa: E402
+from morphkit.train import TrainSettings, diffusion_loss, draw_noise, make_optimizer, mixed_precision, rng  # noqa: E402
 
 GIB = 2**30
 DTYPE = torch.float16
@@ -144,11 +146,11 @@ def main():
                 p.requires_grad_(True)
         optimizer = make_optimizer([p for g in lora_params.values() for p in g], settings, torch.device("meta"))
         train_scheduler = DDPMScheduler.from_config(scheduler.config)
-        one_hot = {name: torch.eye(2)[i] for i, name in enumerate(ADAPTERS)}
-        with adapter_weights(unet, one_hot):
+        _, autocast = mixed_precision(unet)  # fit_loras' autocast: fp16, as on CUDA (frozen weights fp16, LoRAs fp32)
+        with adapter_weights(unet, one_hot_weights(list(ADAPTERS))):
             noise, timesteps = draw_noise(latents, rng(0, "noise", 0), settings, 1000)
             loss = diffusion_loss(unet, train_scheduler, latents, embeds, noise, timesteps, settings,
-                                  torch.autocast("cpu", enabled=False), per_sample=True).sum()
+                                  autocast, per_sample=True).sum()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

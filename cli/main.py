@@ -209,9 +209,9 @@ def morph(
         "((1-α)B_A + αB_B)((1-α)A_A + αA_B); needs LoRAs of the same rank."
     )),
     compile_unet: bool = typer.Option(False, "--compile", help=(
-        "Render through torch.compile. The first batch waits for the compiler (tiny model, 2 CPU cores: about "
-        "40 s the first time on a machine, 6 s once torch's on-disk cache holds the graph); after that rendering "
-        "ran 1.7x faster there. It pays for long renders and repeated runs."
+        "Render through torch.compile. The first run waits for the compiler (a minute or more on a cold cache; "
+        "torch keeps compiled graphs on disk for later runs), then rendering is faster. Worth it for long renders "
+        "and repeated runs; measured figures in benchmarks/README.md."
     )),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):

@@ -240,6 +240,12 @@ def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
             module.scaling.update(scaling)
 
 
+def one_hot_weights(adapters: list[str], device=None) -> dict[str, torch.Tensor]:
+    """Per-sample weights for `adapter_weights` that run sample i through adapter `adapters[i]` alone."""
+    return {name: torch.tensor([float(name == other) for other in adapters], device=device)
+            for name in dict.fromkeys(adapters)}
+
+
 def parse_lora_spec(spec: str | os.PathLike, default_weight: float = 1.0) -> tuple[Path, float]:
     """`"style.safetensors:0.8"` -> (Path("style.safetensors"), 0.8); without `:weight` the weight is `default_weight`."""
     text = str(spec)

@@ -300,10 +300,10 @@ def encode_prompt(pipe, prompt: str) -> torch.Tensor:
 def compiled(module: torch.nn.Module, enabled: bool = True, backend: str = "inductor"):
     """Inside the block, `module` runs through `torch.compile` (its forward is swapped; restored after).
 
-    The first call compiles (tiny model, 2 CPU cores: about 40 s the first time on a machine, about 6 s
-    once torch's on-disk inductor cache holds the graph), each new batch shape compiles again, and later
-    calls run the compiled graph (rendering 1.7x faster there). So it pays for long renders and for
-    repeated runs on one machine, not for a single short morph on a cold cache.
+    The first call compiles (a minute or more on a cold cache; torch keeps compiled graphs on disk), a
+    new batch shape compiles again, and later calls run the compiled graphs. So it pays for long renders
+    and repeated runs on one machine, not for one short morph on a cold cache (figures in
+    benchmarks/README.md).
     """
     if not enabled:
         yield module

@@ -525,13 +525,14 @@ def fit_loras(
     adapter's gradient is that of its own sample; gradients are clipped adapter by adapter, and AdamW
     works element by element. Every draw is the one `fit_lora` would make for that adapter alone,
     so the result equals calling `fit_lora` for each entry in turn (within fp32 rounding) for the cost
-    of one batched step per step instead of one step per adapter.
+    of one batched step per step instead of one step per adapter. (In fp16 the one gradient scaler is
+    shared: a step skipped for an overflow in either adapter's gradients is skipped for all of them.)
 
     Needs batch_size 1, no gradient accumulation, and latents of one shape; it writes no checkpoints.
     """
     from diffusers import DDPMScheduler
 
-    from .lora import adapter_weights
+    from .lora import adapter_weights, one_hot_weights
 
     if settings.batch_size != 1 or settings.gradient_accumulation_steps != 1:
         raise ConfigError("Fitting several LoRAs together takes batch_size 1 and no gradient accumulation; "
@@ -555,14 +556,15 @@ def fit_loras(
         params[name] = add_lora(unet, settings.shape, name)
     optimizer = make_optimizer([p for group in params.values() for p in group], settings, device)
     scaler, autocast = mixed_precision(unet)
-    one_hot = {name: torch.eye(len(names))[i] for i, name in enumerate(names)}
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
 
     losses = {name: [] for name in names}
     bar = tqdm(total=steps, desc=f"fitting LoRAs {', '.join(names)}", disable=not progress, unit="step",
                file=sys.stderr, dynamic_ncols=True)
     unet.train()
     try:
-        with adapter_weights(unet, one_hot):
+        with adapter_weights(unet, one_hot_weights(names, device)):
             for group in params.values():  # activating adapters may mark them frozen; all of them train here
                 for p in group:
                     p.requires_grad_(True)
@@ -587,6 +589,8 @@ def fit_loras(
     finally:
         bar.close()
         unet.eval()
+        if settings.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
         for group in params.values():
             for p in group:
                 p.requires_grad_(False)

@@ -187,10 +187,20 @@ def test_training_twice_on_one_pipeline(photo, tiny_pipe, tmp_path):
         morphkit.train_lora(photo, "a photo", steps=2, pipe=tiny_pipe, output_dir=tmp_path / name, progress=False)
 
 
-def test_fitting_two_loras_together_equals_fitting_them_one_by_one(tiny_pipe, photo, tmp_path):
+@pytest.mark.parametrize("extra", [
+    {},
+    {"snr_gamma": 5.0, "noise_offset": 0.1, "lr_scheduler": "cosine", "lr_warmup_steps": 2},
+    {"prediction_type": "v_prediction", "snr_gamma": 5.0},
+], ids=["plain", "snr-offset-cosine", "v-prediction"])
+def test_fitting_two_loras_together_equals_fitting_them_one_by_one(tiny_pipe, photo, tmp_path, extra):
+    from peft.tuners.lora import LoraLayer
+
+    extra = dict(extra)
+    if "prediction_type" in extra:
+        tiny_pipe.scheduler.register_to_config(prediction_type=extra.pop("prediction_type"))
     other = make_photo(tmp_path / "other.png", seed=3)
     settings = TrainSettings(data="-", steps=6, learning_rate=2e-3, resolution=64, crop="none", rank=4,
-                             max_grad_norm=0.05)  # a clip that bites, so per-adapter clipping is what is tested
+                             max_grad_norm=0.05, **extra)  # a clip that bites, so per-adapter clipping is tested
     examples = {name: encode_examples(tiny_pipe, load_examples(path, prompt), 64, "none", False)
                 for name, path, prompt in (("a", photo, "a photo"), ("b", other, "another photo"))}
 
@@ -206,12 +216,17 @@ def test_fitting_two_loras_together_equals_fitting_them_one_by_one(tiny_pipe, ph
         joint = lora_state_dict(tiny_pipe.unet, name)
         assert joint.keys() == weights.keys()
         # fp32 rounding differs between a batch of 2 and of 1, and Adam divides by the root of the second
-        # moment, which carries that rounding of near-zero gradients into the weights: hence rtol 1e-3
+        # moment, which carries that rounding of near-zero gradients into the weights: hence rtol 1e-3 and
+        # atol 5e-5, 2.5 % of one Adam step at this learning rate (6 steps move a weight up to 1.2e-2)
         for key in weights:
-            torch.testing.assert_close(joint[key], weights[key], rtol=1e-3, atol=1e-5)
+            torch.testing.assert_close(joint[key], weights[key], rtol=1e-3, atol=5e-5)
         assert together[name].losses == pytest.approx(losses, rel=1e-4)
     # the two LoRAs learned different things (each from its own image), and learned something
     assert max((alone["a"][0][k] - alone["b"][0][k]).abs().max().item() for k in alone["a"][0]) > 1e-3
+    # nothing left behind: the LoRAs are frozen and every layer's scale is a plain number again
+    assert not any(p.requires_grad for p in tiny_pipe.unet.parameters())
+    scales = [s for m in tiny_pipe.unet.modules() if isinstance(m, LoraLayer) for s in m.scaling.values()]
+    assert scales and all(isinstance(s, float) for s in scales)
 
 
 def test_fitting_loras_together_refuses_what_it_cannot_batch(tiny_pipe, photo):
