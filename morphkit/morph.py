@@ -498,9 +498,9 @@ def morph(
     if isinstance(pacing_tolerance, bool) or not isinstance(pacing_tolerance, (int, float)) or pacing_tolerance < 0:
         raise ConfigError(f"pacing_tolerance must be a number of at least 0; got {pacing_tolerance!r}.")
     paced = pacing == "even" and frames > 2
+    run_device = pipe.unet.device if pipe is not None else resolve_device(device)
     if paced:  # a distance asked for by name that cannot run here fails now, not after the LoRAs are fitted
-        distance_name, distance_fn, _ = get_distance(distance, pipe.unet.device if pipe is not None
-                                                     else resolve_device(device))
+        distance_name, distance_fn, _ = get_distance(distance, run_device)
     formats = tuple(formats)
     if bad := [f for f in formats if f not in FORMATS]:
         raise ConfigError(f"Unknown output format {', '.join(bad)}; choose from {', '.join(FORMATS)}.")
@@ -539,7 +539,7 @@ def morph(
 
     hits: dict[str, bool] = {}
     store = TensorCache.default(cache, cache_dir)
-    stages = Stages(pipe.unet.device if pipe is not None else resolve_device(device))
+    stages = Stages(run_device)
     stages.begin()
 
     # 2. model, images at one size, latents and prompt embeddings
