@@ -40,3 +40,9 @@ class LoRAError(MorphkitError):
     """A LoRA file does not fit the model or is not a LoRA at all."""
 
     exit_code = 2
+
+
+class Cancelled(MorphkitError):
+    """The job was cancelled by its caller (the web UI's Cancel button, for one)."""
+
+    exit_code = 130

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -332,7 +332,7 @@ def stylize(
 
     # 2. the model and its ControlNet, loaded once
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     stages = Stages(pipe.unet.device if pipe is not None else resolve_device(device))
     stages.begin()

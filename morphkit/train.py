@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import __version__
 from .data import Example, data_hash, load_examples
