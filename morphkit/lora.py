@@ -1,6 +1,10 @@
 """LoRA adapters on the UNet: add, read out, save, load, and weight them per call or per sample.
 
-Files (reading, formats, conversion) are `lora_files`' business; this module puts them on a UNet.
+Files (reading, formats, conversion) are `lora_files`' business; this module puts them on a model. Plain
+LoRAs become PEFT adapters as they are. Other kinds (LoCon with a Tucker core, LoHa, LoKr, full differences,
+DoRA) become adapters through their exact LoRA form (`lora_files.as_lora`: their own low-rank factors, or the
+identity factorisation of the dense update; a DoRA update is taken against this model's weights), or are
+added to the weights for a run (`merged_updates`) and put back bit for bit afterwards.
 A diffusers-format file carries the adapter's PEFT config (rank, alpha, targets) in the safetensors
 header under `lora_adapter_metadata`: without it a LoRA trained with alpha != rank reloads at the
 wrong strength in stock diffusers. A kohya file carries alpha as `.alpha` tensors instead.
@@ -22,16 +26,28 @@ from safetensors.torch import save_file
 from .errors import LoRAError
 from .io import atomic_write, check_can_write
 from .lora_files import (
+    DIFFUSERS_FORMAT_WARNING,
     DIFFUSERS_METADATA_KEY,
+    LoraCompatibilityWarning,
     LoraFile,
     LoraModule,
-    describe,
-    lora_from_peft,
+    Update,
+    as_lora,
+    check_weight,
+    clean_header,
     diffusers_state_dict,
+    find_layer,
+    for_unet,
+    guess_base,
+    info_header,
+    lora_from_peft,
+    part_of,
     peft_metadata,
     read_lora_file,
     save_lora_file,
+    shown,
 )
+from .lora_files.spec import parse_lora_spec  # noqa: F401  (its home; importable from here too)
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_PREFIX = "unet."
@@ -124,55 +140,109 @@ def save_lora(
     if format != "diffusers":
         raise LoRAError(f"Unknown LoRA format {format!r}; choose kohya or diffusers.")
     path = check_can_write(path, overwrite, "LoRA file")
-    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(peft_metadata, sort_keys=True, default=str)}
-    for key, value in (info or {}).items():
-        header[f"morphkit.{key}"] = value if isinstance(value, str) else json.dumps(value, default=str)
+    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(peft_metadata, sort_keys=True, default=str),
+              **info_header(info)}
+    if not all(torch.isfinite(t).all() for t in state_dict.values()):
+        raise LoRAError(f"The LoRA for {shown(path)} holds NaN or infinite values (the fit diverged); it was not written.")
+    warnings.warn(DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, stacklevel=2)
     with atomic_write(path) as tmp:
-        save_file(state_dict, str(tmp), metadata=header)
+        save_file(state_dict, str(tmp), metadata=clean_header(header))
     return path
 
 
-def check_fits(unet, lora: LoraFile, path) -> None:
-    """Raise `LoRAError`, naming the problem, unless every UNet module of `lora` exists in `unet` with matching sizes."""
-    modules = dict(unet.named_modules())
-    found = describe(lora)["base"]
+def _misfit(name: str, m: Update, layer) -> str | None:
+    """Why update `m` cannot apply to `layer`, or None when it fits."""
+    weight = getattr(layer, "weight", None)
+    if weight is None:
+        return f"{shown(name)} has no weight"
+    if m.bias is not None and (getattr(layer, "bias", None) is None or layer.bias.shape != m.bias.shape):
+        return f"at {shown(name)} the bias update has shape {tuple(m.bias.shape)}, the layer's bias " \
+               f"{tuple(layer.bias.shape) if getattr(layer, 'bias', None) is not None else 'does not exist'}"
+    if isinstance(m, LoraModule) and m.is_plain_lora:
+        same = tuple(m.down.shape[1:]) == tuple(weight.shape[1:]) or m.down[0].numel() == weight[0].numel()
+        if m.up.shape[0] != weight.shape[0] or not same:
+            return f"at {shown(name)} its factors are down {tuple(m.down.shape)} and up {tuple(m.up.shape)}, but " \
+                   f"the layer's weight is {tuple(weight.shape)}"
+        return None
+    if m.has_weight_update:
+        d = m.delta()
+        if d.shape[0] != weight.shape[0] or d.numel() != weight.numel():
+            return f"at {shown(name)} its update has shape {tuple(d.shape)}, but the layer's weight is {tuple(weight.shape)}"
+    if m.dora_scale is not None and m.dora_scale.numel() not in (weight.shape[0], weight.shape[1] if weight.dim() > 1 else -1):
+        return f"at {shown(name)} the DoRA magnitude has {m.dora_scale.numel()} entries, but the layer's weight is " \
+               f"{tuple(weight.shape)}"
+    return None
+
+
+def check_fits(model, lora: LoraFile, path, part: str = "unet") -> None:
+    """Raise `LoRAError`, naming the problem, unless every `part` module of `lora` exists in `model` (the UNet or
+    a text encoder) with matching sizes. UNet names in the LDM layout must be mapped first (`for_unet`)."""
+    layers = dict(model.named_modules())
+    found = guess_base(lora)
     made_for = f" It looks made for {found}." if found and not found.startswith("unknown") else ""
-    missing = [n for n in lora.part("unet") if not hasattr(modules.get(n), "weight")]
+    modules = lora.part(part)
+    missing = [n for n in modules if find_layer(model, n, layers) is None]
     if missing:
-        raise LoRAError(f"The LoRA {path} does not fit this UNet: {len(missing)} of its {len(lora.part('unet'))} "
-                        f"modules do not exist here (e.g. {missing[0]}).{made_for}")
+        raise LoRAError(f"The LoRA {shown(path)} does not fit this {part.replace('_', ' ')}: {len(missing)} of its "
+                        f"{len(modules)} modules do not exist here (e.g. {shown(missing[0])}).{made_for}")
+    for name, m in modules.items():
+        problem = _misfit(name, m, find_layer(model, name, layers))
+        if problem:
+            raise LoRAError(f"The LoRA {shown(path)} does not fit this {part.replace('_', ' ')}: {problem}.{made_for}")
+
+
+def adapter_form(unet, lora: LoraFile, plain_only: bool = False) -> tuple[LoraFile, list[str]]:
+    """The UNet part of `lora` as plain LoRA factors PEFT can hold, and the modules left out.
+
+    Each module becomes its exact LoRA form (`as_lora`; a DoRA update against this UNet's weights). With
+    `plain_only`, only plain LoRAs are taken (the caller merges the rest). Bias updates and updates of 1-D
+    weights (norm layers) have no LoRA form and are left out.
+    """
+    layers = dict(unet.named_modules())
+    modules, left = {}, []
     for name, m in lora.part("unet").items():
-        weight = modules[name].weight
-        want = (weight.shape[0], m.rank, *weight.shape[2:]) if weight.dim() == 4 else (weight.shape[0], m.rank)
-        if tuple(m.up.shape[:2]) != want[:2] or tuple(m.down.shape[1:]) != tuple(weight.shape[1:]):
-            raise LoRAError(f"The LoRA {path} does not fit this UNet: at {name} its factors are down "
-                            f"{tuple(m.down.shape)} and up {tuple(m.up.shape)}, but the layer's weight is "
-                            f"{tuple(weight.shape)}.{made_for}")
+        weight = find_layer(unet, name, layers).weight
+        if (plain_only and not m.is_plain_lora) or not m.has_weight_update or weight.dim() not in (2, 4):
+            left.append(name)
+            continue
+        modules[UNET_PREFIX + name] = as_lora(m, tuple(weight.shape), weight.detach())
+        if m.bias is not None:
+            left.append(name + " (bias)")
+    return LoraFile(modules, lora.metadata, lora.format, lora.path), left
 
 
-def load_lora(unet, source: str | os.PathLike | LoraFile, adapter_name: str, allow_pickle: bool = False) -> LoraFile:
-    """Load a LoRA (a kohya or diffusers file, or a `LoraFile` already read) into `unet` as `adapter_name`,
+def load_lora(unet, source: str | os.PathLike | LoraFile, adapter_name: str, allow_pickle: bool = False,
+              plain_only: bool = False) -> LoraFile:
+    """Load a LoRA (any file `read_lora_file` reads, or a `LoraFile` already read) into `unet` as `adapter_name`,
     weights in fp32.
 
     Rank and alpha come from the file (kohya's `.alpha` tensors or diffusers' `lora_adapter_metadata`
-    header), so a LoRA trained with alpha != rank loads at its trained strength. Only the UNet part is
-    loaded here; `text_encoder_loras` applies a text-encoder part. A file with no UNet LoRA,
-    or one made for another architecture, raises `LoRAError` rather than loading nothing.
+    header), so a LoRA trained with alpha != rank loads at its trained strength. Other kinds load through
+    their exact LoRA form (`adapter_form`); bias and norm-layer updates, which no LoRA layer can hold, are
+    left out with a `LoraCompatibilityWarning` (stylize and `lora fuse` apply them). Only the UNet part is
+    loaded here; `text_encoder_loras` applies a text-encoder part. A file with no UNet part, or one made
+    for another architecture, raises `LoRAError` rather than loading nothing. Returns the file as read.
     """
     lora = source if isinstance(source, LoraFile) else read_lora_file(source, allow_pickle)
-    path = lora.path or "the LoRA"
+    path = lora.where()
     if not lora.part("unet"):
         parts = ", ".join(sorted({k.partition(".")[0] for k in lora.modules}))
         raise LoRAError(f"{path} holds no LoRA weights for the UNet (only for {parts}); morphkit needs a UNet part.")
-    check_fits(unet, lora, path)
-    unet_only = LoraFile({k: m for k, m in lora.modules.items() if k.startswith(UNET_PREFIX)})
-    metadata = peft_metadata(unet_only, "unet")
+    mapped = for_unet(lora, unet)
+    check_fits(unet, mapped, path)
+    adapters, left = adapter_form(unet, mapped, plain_only)
+    if left and not plain_only:
+        warnings.warn(f"{path}: {len(left)} of its updates (bias or norm-layer differences, e.g. {shown(left[0])}) have "
+                      "no LoRA form, so they are left out here; stylize and lora fuse apply them.",
+                      LoraCompatibilityWarning, stacklevel=2)
+    if not adapters.modules:
+        return lora
     try:
         with _second_adapter_is_fine():
-            unet.load_lora_adapter(diffusers_state_dict(unet_only), prefix="unet", adapter_name=adapter_name,
-                                   metadata=metadata)
+            unet.load_lora_adapter(diffusers_state_dict(adapters), prefix="unet", adapter_name=adapter_name,
+                                   metadata=peft_metadata(adapters, "unet"))
     except Exception as e:
-        raise LoRAError(f"The LoRA {path} does not fit this UNet: {str(e).splitlines()[0][:300]}") from None
+        raise LoRAError(f"The LoRA {path} does not fit this UNet: {shown(str(e).splitlines()[0], 300)}") from None
     params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
     if adapter_name not in getattr(unet, "peft_config", {}) or not params:
         raise LoRAError(f"No weight of the LoRA {path} matched a module of this UNet; it was made for another model.")
@@ -246,23 +316,13 @@ def one_hot_weights(adapters: list[str], device=None) -> dict[str, torch.Tensor]
             for name in dict.fromkeys(adapters)}
 
 
-def parse_lora_spec(spec: str | os.PathLike, default_weight: float = 1.0) -> tuple[Path, float]:
-    """`"style.safetensors:0.8"` -> (Path("style.safetensors"), 0.8); without `:weight` the weight is `default_weight`."""
-    text = str(spec)
-    path, sep, weight = text.rpartition(":")
-    if sep and path:
-        try:
-            return Path(path), float(weight)
-        except ValueError:
-            pass  # a ':' that is part of the path
-    return Path(text), default_weight
-
-
-def load_loras(pipe, loras, prefix: str = "lora", allow_pickle: bool = False) -> dict[str, float]:
+def load_loras(pipe, loras, prefix: str = "lora", allow_pickle: bool = False, plain_only: bool = False) -> dict[str, float]:
     """Load several LoRA files into `pipe` as adapters `lora0`, `lora1`, ...; returns {adapter name: weight}.
 
     `loras` holds paths, `"path:weight"` strings or (path or `LoraFile`, weight) pairs. Use the result with
     `adapter_weights(pipe.unet, ...)`. Any file that does not fit the model raises `LoRAError` naming it.
+    With `plain_only`, only plain LoRA modules become adapters (see `merged_updates` for the rest), and a
+    file without any gets no adapter.
     """
     weights = {}
     for i, item in enumerate(loras):
@@ -270,53 +330,97 @@ def load_loras(pipe, loras, prefix: str = "lora", allow_pickle: bool = False) ->
         name = f"{prefix}{i}"
         if name in getattr(pipe.unet, "peft_config", {}):
             pipe.unet.delete_adapters(name)
-        load_lora(pipe.unet, path, name, allow_pickle=allow_pickle)
-        weights[name] = float(weight)
+        load_lora(pipe.unet, path, name, allow_pickle=allow_pickle, plain_only=plain_only)
+        if name in getattr(pipe.unet, "peft_config", {}):
+            weights[name] = check_weight(weight, shown(getattr(path, "path", path)))
     return weights
 
 
-@contextlib.contextmanager
-def text_encoder_loras(text_encoder, loras: list[tuple[LoraFile, float]]):
-    """Apply the text-encoder parts of `loras` (each at its weight) for the duration of the block.
+def _model_parts(pipe, lora: LoraFile, parts, only_merged: bool):
+    """(model, {path: update}) per part of `lora` that `pipe` applies by merging."""
+    for part in parts:
+        modules = lora.part(part)
+        if part == "unet":
+            modules = for_unet(lora, pipe.unet).part("unet")
+        if only_merged and part == "unet":
+            modules = {n: m for n, m in modules.items() if not m.is_plain_lora}
+        if modules:
+            yield part_of(pipe, part), modules
 
-    The text encoder runs once per prompt, so its LoRA is added to the weights (`W + w * alpha/r * B @ A`,
-    the same numbers a LoRA layer computes) rather than wrapped in adapter layers; the original
-    weights are put back, bit for bit, on the way out. LoRAs without a text-encoder part change nothing.
+
+@contextlib.contextmanager
+def merged_updates(pipe, loras: list[tuple[LoraFile, float]], parts=("text_encoder", "text_encoder_2"),
+                   only_merged: bool = False):
+    """Add the updates of `loras` (each at its weight) in `parts` of `pipe` to the weights for the block.
+
+    Every kind is applied by its own math (`Update.merged`: DoRA's rescale exactly, bias updates included);
+    several files apply in the order given. The original weights and biases are put back, bit for bit, on the
+    way out. With `only_merged`, UNet modules that are plain LoRAs are skipped (they run as adapters).
+    Yields how many layers changed.
     """
-    parts = [(lora.part("text_encoder"), w) for lora, w in loras if lora.part("text_encoder") and w != 0]
-    layers = dict(text_encoder.named_modules())
     saved = {}
-    for modules, _ in parts:
-        for name in modules:
-            layer = layers.get(name) or layers.get(name.removeprefix("text_model."))
-            if layer is not None and name not in saved:
-                saved[name] = (layer, layer.weight.detach().clone())
     try:
-        for modules, w in parts:
-            fuse_into(text_encoder, modules, w)
+        for lora, w in loras:
+            if w == 0:
+                continue
+            for model, modules in _model_parts(pipe, lora, parts, only_merged):
+                layers = dict(model.named_modules())
+                for name, m in modules.items():
+                    layer = find_layer(model, name, layers)
+                    if layer is not None and id(layer) not in saved:
+                        saved[id(layer)] = (layer, layer.weight.detach().clone(),
+                                            None if getattr(layer, "bias", None) is None else layer.bias.detach().clone())
+                fuse_into(model, modules, w, layers)
         yield len(saved)
     finally:
         with torch.no_grad():
-            for layer, weight in saved.values():
+            for layer, weight, bias in saved.values():
                 layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
 
 
-def fuse_into(model, modules: dict[str, LoraModule], weight: float) -> int:
-    """Add `weight` x each module's update to `model`'s weights in place (`W += weight * alpha/r * B @ A`).
+class _TextEncoders:
+    """A stand-in pipeline that holds only a text encoder, for `merged_updates`."""
 
-    `modules` are keyed by path inside `model`. Returns how many layers changed. The sum is done in fp32.
+    def __init__(self, text_encoder):
+        self.text_encoder = text_encoder
+
+
+def text_encoder_loras(text_encoder, loras: list[tuple[LoraFile, float]]):
+    """Apply the text-encoder parts of `loras` (each at its weight) to `text_encoder` for the duration of the block.
+
+    The text encoder runs once per prompt, so its LoRA is added to the weights (`W + w * ΔW`, the same numbers a
+    LoRA layer computes; DoRA by its rescale) rather than wrapped in adapter layers; the original weights are
+    put back, bit for bit, on the way out. LoRAs without a text-encoder part change nothing.
     """
-    layers = dict(model.named_modules())
+    return merged_updates(_TextEncoders(text_encoder), loras, parts=("text_encoder",))
+
+
+def fuse_into(model, modules: dict[str, Update], weight: float, layers: dict | None = None) -> int:
+    """Apply `weight` x each module's update to `model`'s weights in place (`Update.merged`; biases too).
+
+    `modules` are keyed by path inside `model`. Returns how many layers changed. The sum is done in fp32,
+    and a result that is not finite in the layer's precision is refused before anything is written.
+    """
+    layers = dict(model.named_modules()) if layers is None else layers
     for name, m in modules.items():
-        layer = layers.get(name) or layers.get(name.removeprefix("text_model."))  # transformers 5 drops the prefix
-        if layer is None or not hasattr(layer, "weight"):
-            raise LoRAError(f"The LoRA adapts {name}, which this model does not have.")
-        delta = m.delta().to(layer.weight.device)
-        if delta.shape != layer.weight.shape:
-            raise LoRAError(f"The LoRA's update at {name} has shape {tuple(delta.shape)}, the layer's weight "
-                            f"{tuple(layer.weight.shape)}.")
+        layer = find_layer(model, name, layers)
+        problem = "it does not exist in this model" if layer is None else _misfit(name, m, layer)
+        if problem:
+            raise LoRAError(f"The LoRA cannot be applied at {shown(name)}: {problem}.")
+        new_weight = m.merged(layer.weight, weight).to(layer.weight.dtype) if m.has_weight_update or m.dora_scale \
+            is not None else None
+        new_bias = m.merged_bias(layer.bias, weight).to(layer.bias.dtype) if m.bias is not None else None
+        for t in (new_weight, new_bias):
+            if t is not None and not torch.isfinite(t).all():
+                raise LoRAError(f"The LoRA's update at {shown(name)} overflows {str(t.dtype).replace('torch.', '')} at "
+                                f"weight {weight:g}; lower the weight.")
         with torch.no_grad():
-            layer.weight.copy_((layer.weight.float() + weight * delta).to(layer.weight.dtype))
+            if new_weight is not None:
+                layer.weight.copy_(new_weight)
+            if new_bias is not None:
+                layer.bias.copy_(new_bias)
     return len(modules)
 
 
@@ -351,13 +455,21 @@ def fuse_lora(
     pairs = [item if isinstance(item, tuple) else parse_lora_spec(item) for item in loras]
     if not pairs:
         raise LoRAError("Nothing to fuse: give at least one --lora FILE[:WEIGHT].")
-    files = [(path, read_lora_file(path, allow_pickle), float(w)) for path, w in pairs]
+    files = [(path, read_lora_file(path, allow_pickle), check_weight(w, shown(path))) for path, w in pairs]
     pipe = load_pipeline(model, device="cpu", dtype="fp32", allow_pickle=allow_pickle)
     layers = {"unet": 0, "text_encoder": 0}
     for path, lora, w in files:
-        check_fits(pipe.unet, lora, path)
-        layers["unet"] += fuse_into(pipe.unet, lora.part("unet"), w)
+        unet_part = for_unet(lora, pipe.unet)
+        check_fits(pipe.unet, unet_part, shown(path))
+        check_fits(pipe.text_encoder, lora, shown(path), "text_encoder")
+        layers["unet"] += fuse_into(pipe.unet, unet_part.part("unet"), w)
         layers["text_encoder"] += fuse_into(pipe.text_encoder, lora.part("text_encoder"), w)
-    meta = {"morphkit.fused_from": str(model), "morphkit.fused_loras": json.dumps([[str(p), w] for p, _, w in files])}
+    for part in ("unet", "text_encoder"):  # never write a tensor that is not finite in the file's precision
+        for key, t in getattr(pipe, part).state_dict().items():
+            if t.is_floating_point() and not torch.isfinite(t.to(dtypes[dtype])).all():
+                raise LoRAError(f"The fused {part} overflows {dtype} at {shown(key)}; nothing was written. Lower the "
+                                "LoRA weights, or write --dtype fp32.")
+    meta = {"morphkit.fused_from": Path(str(model)).name if Path(str(model)).exists() else str(model),
+            "morphkit.fused_loras": json.dumps([[Path(p).name, w] for p, _, w in files])}
     save_single_file(pipe, out, dtypes[dtype], overwrite=overwrite, metadata=meta)
     return FuseResult(out, layers)
