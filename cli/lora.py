@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,9 +14,28 @@ import typer
 from cli.common import MODEL_HELP, call, fail
 
 app = typer.Typer(name="lora", no_args_is_help=True, rich_markup_mode=None,
-                  help="Inspect, convert, mix and fuse LoRA files (kohya and diffusers formats).")
+                  help="Inspect, convert, mix and fuse LoRA files (kohya, diffusers, LyCORIS, DoRA, ComfyUI).")
 
 PICKLE_HELP = "Allow a pickled .ckpt/.pt/.bin file (read with torch.load(weights_only=True)). Only for files you trust."
+
+
+@contextlib.contextmanager
+def lora_warnings():
+    """Show morphkit's LoRA compatibility warnings as one `Warning:` line each, when they happen."""
+    from morphkit.lora_files import LoraCompatibilityWarning, printable
+
+    with warnings.catch_warnings():
+        shown_before = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, LoraCompatibilityWarning):
+                typer.echo(f"Warning: {printable(message)}", err=True)
+            else:
+                shown_before(message, category, filename, lineno, file, line)
+
+        warnings.simplefilter("always", LoraCompatibilityWarning)
+        warnings.showwarning = show
+        yield
 
 
 @app.command()
@@ -23,43 +44,47 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON instead of a summary."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ):
-    """Format, base architecture, ranks, alphas, target modules and header metadata of a LoRA file."""
-    from morphkit.lora_files import lora_info
+    """Format, kinds, base architecture, ranks, alphas, targets, which tools load it, and header metadata."""
+    from morphkit.lora_files import info_lines, lora_info
 
     report = call(lora_info, file, allow_pickle=allow_pickle)
-    if as_json:
+    if as_json:  # JSON escapes every control character itself
         typer.echo(json.dumps(report, indent=2, default=str))
         return
-    counts = lambda d: ", ".join(f"{k} (x{v})" for k, v in d.items())  # noqa: E731
-    typer.echo(f"{report['path']}")
-    typer.echo(f"  format:        {report['format']}")
-    typer.echo(f"  made for:      {report['base']}")
-    typer.echo(f"  modules:       {report['modules']} ({report['unet_modules']} UNet, "
-               f"{report['text_encoder_modules']} text encoder)")
-    typer.echo(f"  ranks:         {counts(report['ranks'])}")
-    typer.echo(f"  alphas:        {counts(report['alphas'])}")
-    typer.echo(f"  parameters:    {report['parameters']:,} ({report['dtype']})")
-    typer.echo("  targets:       " + counts(report["targets"]))
-    if report["metadata"]:
-        typer.echo("  header:")
-        for key, value in report["metadata"].items():
-            value = value if len(value) <= 100 else value[:97] + "..."
-            typer.echo(f"    {key}: {value}")
+    for line in info_lines(report):
+        typer.echo(line)
 
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., help="The LoRA to convert."),
+    src: Path = typer.Argument(..., help="The LoRA to convert (any kind morphkit reads)."),
     dst: Path = typer.Argument(..., help="Where to write the converted LoRA (.safetensors)."),
     to: str = typer.Option(..., "--to", help="Target format: kohya (A1111, ComfyUI, civitai) or diffusers (PEFT keys)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank of the LoRA that LoHa, LoKr, DoRA and diff modules become (SVD; the energy lost is reported). [default: each module's own dimension]"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The base model; needed only for DoRA files, whose update depends on its weights. " + MODEL_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ):
-    """Rewrite a LoRA in the other format. The factors are copied bit for bit; alpha goes along."""
-    from morphkit.lora_files import convert_lora
+    """Rewrite a LoRA in kohya or diffusers format. Plain LoRA factors are copied bit for bit, alpha going along;
+    LyCORIS, DoRA and ComfyUI difference modules become their nearest LoRA by SVD, and the energy lost is printed."""
+    from morphkit.lora_files import convert_lora_report, printable
 
-    path = call(convert_lora, src, dst, to=to, overwrite=overwrite, allow_pickle=allow_pickle)
-    typer.echo(f"Wrote {path} ({to} format).")
+    def run():
+        pipe = None
+        if model:
+            from morphkit.models import load_pipeline
+
+            pipe = load_pipeline(model, device="cpu", dtype="fp32", allow_pickle=allow_pickle)
+        return convert_lora_report(src, dst, to, overwrite=overwrite, allow_pickle=allow_pickle, rank=rank, model=pipe)
+
+    with lora_warnings():
+        result = call(run)
+    typer.echo(f"Wrote {printable(result.path)} ({to} format).")
+    if not result.exact:
+        worst = f"; worst module {printable(result.worst_module[0])} lost {result.worst_module[1]:.2%}" \
+            if result.worst_module else ""
+        typer.echo(f"Converted {', '.join(f'{k} (x{v})' for k, v in result.kinds.items())} by SVD: kept "
+                   f"{1 - result.lost_energy:.2%} of the update's energy{worst}.")
 
 
 @app.command()
@@ -74,12 +99,15 @@ def mix(
     """One LoRA whose effect is the weighted sum of the inputs' effects."""
     from morphkit.lora_files import mix_loras
 
-    result = call(mix_loras, loras, out, rank=rank, format=to, overwrite=overwrite, allow_pickle=allow_pickle)
+    with lora_warnings():
+        result = call(mix_loras, loras, out, rank=rank, format=to, overwrite=overwrite, allow_pickle=allow_pickle)
+    from morphkit.lora_files import printable
+
     ranks = sorted({m.rank for m in result.lora.modules.values()})
-    shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}"
-    typer.echo(f"Mixed {len(loras)} LoRAs into {len(result.lora.modules)} modules of rank {shown}: {out}")
+    span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}"
+    typer.echo(f"Mixed {len(loras)} LoRAs into {len(result.lora.modules)} modules of rank {span}: {printable(out)}")
     if rank is not None:
-        worst = f"; worst module {result.worst_module[0]} lost {result.worst_module[1]:.2%}" if result.worst_module else ""
+        worst = f"; worst module {printable(result.worst_module[0])} lost {result.worst_module[1]:.2%}" if result.worst_module else ""
         typer.echo(f"SVD to rank {rank} kept {1 - result.lost_energy:.2%} of the update's energy{worst}.")
 
 
@@ -92,13 +120,15 @@ def fuse(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ):
-    """Bake LoRAs into a model and write a single-file SD 1.x checkpoint (A1111/ComfyUI layout)."""
+    """Bake LoRAs (any kind morphkit reads, DoRA by its exact rescale) into a model and write a single-file SD 1.x
+    checkpoint (A1111/ComfyUI layout)."""
     import morphkit
     from morphkit.lora import fuse_lora
+    from morphkit.lora_files import printable
 
     if not loras:
         fail("Give at least one --lora FILE[:WEIGHT].", 2)
     result = call(fuse_lora, model or morphkit.models.DEFAULT_MODEL, loras, out, dtype=dtype, overwrite=overwrite,
                   allow_pickle=allow_pickle)
     typer.echo(f"Fused {len(loras)} LoRA(s) into {result.layers['unet']} UNet and {result.layers['text_encoder']} "
-               f"text-encoder layers: {result.path}")
+               f"text-encoder layers: {printable(result.path)}")

@@ -24,8 +24,8 @@ from PIL import Image
 from .errors import ConfigError, InputError, MorphkitError, OutputExistsError
 from .images import check_resolution, list_images, open_image, resize_to_policy, save_image
 from .inversion import check_steps
-from .lora import adapter_weights, load_loras, parse_lora_spec, text_encoder_loras
-from .lora_files import LoraFile, read_lora_file
+from .lora import adapter_weights, load_loras, merged_updates, parse_lora_spec
+from .lora_files import LoraFile, check_weight, read_lora_file
 from .models import DEFAULT_CONTROLNET, DEFAULT_MODEL, encode_image, load_controlnet, load_pipeline, resolve_device
 from .stages import Stages
 from .tiny import TINY_NAME
@@ -240,8 +240,8 @@ def check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed
                           f"got {guidance}.")
     if not (math.isfinite(controlnet_scale) and controlnet_scale >= 0):
         raise ConfigError(f"The ControlNet scale must be 0 or more (0 ignores the edges); got {controlnet_scale}.")
-    if not math.isfinite(lora_scale):
-        raise ConfigError(f"The LoRA scale must be a finite number; got {lora_scale}.")
+    if not (math.isfinite(lora_scale) and abs(lora_scale) <= 100):
+        raise ConfigError(f"--lora-scale must be a finite number within ±100 (usually 0 to 1); got {lora_scale}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be an integer from 0 to 2^63 - 1; got {seed!r}.")
     for value, name in ((canny_low, "--canny-low"), (canny_high, "--canny-high")):
@@ -258,9 +258,8 @@ def check_lora_files(loras, allow_pickle: bool = False) -> list[tuple[LoraFile, 
     specs = []
     for item in loras:
         path, weight = item if isinstance(item, tuple) else parse_lora_spec(item)
-        if not math.isfinite(float(weight)):
-            raise ConfigError(f"The weight of the LoRA {path} must be a finite number; got {weight}.")
-        specs.append((read_lora_file(path, allow_pickle), float(weight)))  # LoRAError: missing, unreadable, not a LoRA
+        weight = check_weight(weight, f"the LoRA {path}")  # finite and not absurd
+        specs.append((read_lora_file(path, allow_pickle), weight))  # LoRAError: missing, unreadable, not a LoRA
     return specs
 
 
@@ -354,10 +353,12 @@ def stylize(
     # 3. the LoRAs, into the UNet before any image is drawn (a LoRA that does not fit raises LoRAError here)
     stylized: list[Stylized] = []
     try:
-        weights = load_loras(cn_pipe, specs, prefix=ADAPTER_PREFIX)
+        # plain LoRAs run as adapters; other kinds (LoHa, LoKr, DoRA, diffs) and text-encoder parts are added to
+        # the weights for the run by their own math, and put back bit for bit afterwards
+        weights = load_loras(cn_pipe, specs, prefix=ADAPTER_PREFIX, plain_only=True)
         weights = {name: w * lora_scale for name, w in weights.items()}
         scaled = [(lora_file, w * lora_scale) for lora_file, w in specs]
-        with adapter_weights(unet, weights), text_encoder_loras(cn_pipe.text_encoder, scaled):
+        with adapter_weights(unet, weights), merged_updates(cn_pipe, scaled, ("unet", "text_encoder"), only_merged=True):
             # 4. each image: size policy, edges, img2img, files
             for file in tqdm(todo, desc="stylizing", unit="image", disable=not progress):
                 try:

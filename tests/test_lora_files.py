@@ -404,3 +404,269 @@ def test_kohya_keys_for_full_size_sd15_match_a_hand_built_list():
                 for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out_0")
                 for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert written == expected and len(expected) == 16 * 8 * 3
+
+
+# ---- every kind of file, each by its own math ----------------------------------------------
+
+Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # tiny: Linear 64 -> 64
+CONV = "down_blocks.1.resnets.0.conv1"  # tiny: Conv2d 32 -> 64, 3x3
+
+
+def kname(path):
+    return kohya_module_name("unet." + path)
+
+
+def rand(*shape, seed=[0]):
+    seed[0] += 1
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed[0])) * 0.2
+
+
+def layer(pipe, path):
+    return dict(pipe.unet.named_modules())[path]
+
+
+def merged_weight(pipe, path, tensors, weight=1.0, tmp=None):
+    """The layer's weight while morphkit applies the file built from `tensors` (read back from disk)."""
+    from morphkit.lora import merged_updates
+
+    save_file(tensors, str(tmp))
+    lora = read_lora_file(tmp)
+    with merged_updates(pipe, [(lora, weight)], ("unet",)):
+        return layer(pipe, path).weight.detach().clone(), lora
+
+
+def test_locon_tucker_equals_the_three_convolutions_it_stands_for(tiny_pipe, tmp_path):
+    """LyCORIS's Tucker LoCon runs x -> up(mid(down(x))); the merged weight must do the same in one conv."""
+    import torch.nn.functional as F
+
+    w0 = layer(tiny_pipe, CONV).weight.detach().clone()
+    down, mid, up = rand(4, 32, 1, 1), rand(4, 4, 3, 3), rand(64, 4, 1, 1)
+    t = {f"{kname(CONV)}.lora_down.weight": down, f"{kname(CONV)}.lora_mid.weight": mid,
+         f"{kname(CONV)}.lora_up.weight": up, f"{kname(CONV)}.alpha": torch.tensor(2.0)}
+    merged, lora = merged_weight(tiny_pipe, CONV, t, 0.7, tmp_path / "locon.safetensors")
+    x = rand(1, 32, 9, 9)
+    chained = F.conv2d(F.conv2d(F.conv2d(x, down), mid, padding=1), up) * (2.0 / 4)
+    assert torch.allclose(F.conv2d(x, merged - w0, padding=1), 0.7 * chained, atol=1e-5)
+    assert lora.format == "lycoris" and lora.kinds == {"locon-tucker": 1}
+    assert torch.equal(layer(tiny_pipe, CONV).weight, w0)  # put back bit for bit
+
+
+def test_loha_and_lokr_equal_their_dense_definitions(tiny_pipe, tmp_path):
+    w0 = layer(tiny_pipe, Q).weight.detach().clone()
+    w1a, w1b, w2a, w2b = rand(64, 3), rand(3, 64), rand(64, 3), rand(3, 64)
+    loha = {f"{kname(Q)}.hada_w1_a": w1a, f"{kname(Q)}.hada_w1_b": w1b, f"{kname(Q)}.hada_w2_a": w2a,
+            f"{kname(Q)}.hada_w2_b": w2b, f"{kname(Q)}.alpha": torch.tensor(1.5)}
+    merged, _ = merged_weight(tiny_pipe, Q, loha, 1.0, tmp_path / "loha.safetensors")
+    expected = torch.empty(64, 64)
+    for i in range(64):  # the Hadamard product, element by element
+        for j in range(64):
+            expected[i, j] = (w1a[i] @ w1b[:, j]) * (w2a[i] @ w2b[:, j]) * 1.5 / 3
+    assert torch.allclose(merged - w0, expected, atol=1e-6)
+
+    w1, w2a, w2b = rand(4, 8), rand(16, 2), rand(2, 8)  # W1 full (4x8), W2 = w2a @ w2b (16x8): 64x64
+    lokr = {f"{kname(Q)}.lokr_w1": w1, f"{kname(Q)}.lokr_w2_a": w2a, f"{kname(Q)}.lokr_w2_b": w2b,
+            f"{kname(Q)}.alpha": torch.tensor(1.0)}
+    merged, _ = merged_weight(tiny_pipe, Q, lokr, 1.0, tmp_path / "lokr.safetensors")
+    w2, expected = w2a @ w2b, torch.zeros(64, 64)
+    for i in range(4):  # the Kronecker product, block by block; scale alpha / rank = 1 / 2
+        for j in range(8):
+            expected[i * 16:(i + 1) * 16, j * 8:(j + 1) * 8] = w1[i, j] * w2 * 0.5
+    assert torch.allclose(merged - w0, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_dora_scale_rescales_by_the_norm_of_the_merged_weight(tiny_pipe, tmp_path, axis):
+    w0 = layer(tiny_pipe, Q).weight.detach().clone()
+    down, up = rand(4, 64), rand(64, 4)
+    scale = (rand(64, 1).abs() + 0.5) if axis == "output" else (rand(1, 64).abs() + 0.5)
+    t = {f"{kname(Q)}.lora_down.weight": down, f"{kname(Q)}.lora_up.weight": up, f"{kname(Q)}.alpha": torch.tensor(4.0),
+         f"{kname(Q)}.dora_scale": scale}
+    merged, lora = merged_weight(tiny_pipe, Q, t, 0.6, tmp_path / "dora.safetensors")
+    full = w0 + up @ down
+    norms = [full[i].norm() for i in range(64)] if axis == "output" else [full[:, j].norm() for j in range(64)]
+    rescaled = torch.stack([full[i] * scale[i, 0] / norms[i] for i in range(64)]) if axis == "output" else \
+        torch.stack([full[:, j] * scale[0, j] / norms[j] for j in range(64)], 1)
+    assert torch.allclose(merged, w0 + 0.6 * (rescaled - w0), atol=1e-5)
+    assert lora.kinds == {"lora+dora": 1}
+
+
+def test_diffusers_dora_acts_as_peft_dora(tiny_pipe, tmp_path):
+    """A diffusers-format DoRA file (PEFT's `lora_magnitude_vector`), made by PEFT itself: morphkit's merged
+    weights and the adapter form morph uses both give PEFT's own DoRA output."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_pipe.unet
+    base = unet_probe(unet)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["to_q", "to_v"]), "d")
+    g = torch.Generator().manual_seed(5)
+    for n, p in unet.named_parameters():
+        if ".d." in n and ("lora_B" in n or "magnitude" in n):
+            p.data = p.data * (1 + 0.3 * torch.rand(p.shape, generator=g)) if "magnitude" in n else \
+                torch.randn(p.shape, generator=g) * 0.1
+    with torch.no_grad():
+        peft_out = unet_probe(unet)
+    state = {"unet." + k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name="d").items()}
+    unet.delete_adapters("d")
+    assert any(k.endswith("lora_magnitude_vector") for k in state)
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8, "unet.use_dora": True})}
+    save_file(state, str(tmp_path / "dora.safetensors"), metadata=meta)
+    lora = read_lora_file(tmp_path / "dora.safetensors")
+    assert lora.format == "diffusers" and set(lora.kinds) == {"lora+dora"}
+
+    from morphkit.lora import merged_updates
+
+    with merged_updates(tiny_pipe, [(lora, 1.0)], ("unet",)):
+        merged_out = unet_probe(unet)
+    assert (merged_out - peft_out).abs().max() < 1e-4 and (peft_out - base).abs().max() > 1e-3
+    assert (probe_with(tiny_pipe, tmp_path / "dora.safetensors") - peft_out).abs().max() < 1e-4  # morph's way
+
+
+def test_comfyui_lorasave_file_is_read_and_applied(tiny_pipe, tmp_path):
+    """ComfyUI's LoraSave layout: `diffusion_model.<LDM path>` with lora_up/lora_down, `.diff` for 1-D weights,
+    `.diff_b` for biases, and `text_encoders.clip_l.transformer.<path>` for the text encoder."""
+    ldm_q = "input_blocks.3.1.transformer_blocks.0.attn1.to_q"  # tiny: down_blocks.1.attentions.0 -> input_blocks.3.1
+    up, down, norm_diff, bias_diff = rand(64, 2), rand(2, 64), rand(64), rand(64)
+    te_up, te_down = rand(32, 2), rand(2, 32)
+    t = {f"diffusion_model.{ldm_q}.lora_up.weight": up, f"diffusion_model.{ldm_q}.lora_down.weight": down,
+         "diffusion_model.input_blocks.3.1.norm.diff": norm_diff, "diffusion_model.input_blocks.3.1.proj_in.diff_b": bias_diff,
+         "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight": te_up,
+         "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight": te_down}
+    save_file(t, str(tmp_path / "comfy.safetensors"))
+    report = lora_info(tmp_path / "comfy.safetensors")
+    assert report["format"] == "comfyui" and report["text_encoder_modules"] == 1 and report["unet_modules"] == 3
+    assert report["loaders"]["ComfyUI"] == "yes"
+
+    from morphkit.lora import merged_updates
+
+    lora = read_lora_file(tmp_path / "comfy.safetensors")
+    blocks = "down_blocks.1.attentions.0"
+    before = {n: layer(tiny_pipe, n).state_dict() for n in (Q, f"{blocks}.norm", f"{blocks}.proj_in")}
+    before = {n: {k: v.clone() for k, v in sd.items()} for n, sd in before.items()}
+    with merged_updates(tiny_pipe, [(lora, 1.0)], ("unet", "text_encoder")) as changed:
+        assert changed == 4
+        assert torch.allclose(layer(tiny_pipe, Q).weight, before[Q]["weight"] + up @ down, atol=1e-6)
+        assert torch.allclose(layer(tiny_pipe, f"{blocks}.norm").weight, before[f"{blocks}.norm"]["weight"] + norm_diff)
+        assert torch.allclose(layer(tiny_pipe, f"{blocks}.proj_in").bias, before[f"{blocks}.proj_in"]["bias"] + bias_diff)
+    assert torch.equal(layer(tiny_pipe, f"{blocks}.proj_in").bias, before[f"{blocks}.proj_in"]["bias"])
+    with pytest.warns(UserWarning, match="no LoRA form"):  # morph's adapters hold the weight update, not the rest
+        load_lora(tiny_pipe.unet, lora, "comfy")
+
+
+def test_text_encoder_part_round_trip_loads_in_stock_diffusers(tiny_pipe, tmp_path):
+    """kohya -> diffusers -> kohya with a text-encoder part: the diffusers file loads in stock diffusers'
+    load_lora_weights (transformers 5 here), changes the prompt embedding as morphkit does, and the kohya
+    file written back names the text encoder `lora_te_text_model_encoder_layers_*`."""
+    from diffusers import StableDiffusionPipeline
+
+    from morphkit.lora import text_encoder_loras
+    from morphkit.models import encode_prompt
+
+    t = {}
+    for proj in ("q_proj", "v_proj"):
+        key = f"lora_te_text_model_encoder_layers_1_self_attn_{proj}"
+        t.update({f"{key}.lora_down.weight": rand(4, 32), f"{key}.lora_up.weight": rand(32, 4) * 3,
+                  f"{key}.alpha": torch.tensor(2.0 if proj == "q_proj" else 4.0)})
+    unet_part = random_lora(tiny_pipe, tmp_path / "u.safetensors", fmt="kohya")
+    with safe_open(str(unet_part), "pt") as f:
+        t.update({k: f.get_tensor(k) for k in f.keys()})
+    save_file(t, str(tmp_path / "k.safetensors"))
+    with pytest.warns(UserWarning, match="A1111"):
+        convert_lora(tmp_path / "k.safetensors", tmp_path / "d.safetensors", to="diffusers")
+    stock = StableDiffusionPipeline.from_pretrained(morphkit.tiny.tiny_model_path(), safety_checker=None,
+                                                    requires_safety_checker=False)
+    plain = encode_prompt(stock, "a photo")
+    stock.load_lora_weights(str(tmp_path / "d.safetensors"), adapter_name="x")
+    with text_encoder_loras(tiny_pipe.text_encoder, [(read_lora_file(tmp_path / "k.safetensors"), 1.0)]):
+        ours = encode_prompt(tiny_pipe, "a photo")
+    theirs = encode_prompt(stock, "a photo")
+    assert (theirs - plain).abs().max() > 1e-3 and (theirs - ours).abs().max() < 1e-5
+
+    # a transformers-5 diffusers file (`text_encoder.encoder.layers.*`) converts to kohya's text_model names
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        t5 = {k.replace("text_encoder.text_model.", "text_encoder."): f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    save_file(t5, str(tmp_path / "d5.safetensors"), metadata=meta)
+    convert_lora(tmp_path / "d5.safetensors", tmp_path / "k2.safetensors", to="kohya")
+    with safe_open(str(tmp_path / "k2.safetensors"), "pt") as f:
+        te_keys = {k for k in f.keys() if k.startswith("lora_te")}
+        assert te_keys and all(k.startswith("lora_te_text_model_encoder_layers_1_") for k in te_keys)
+        assert f.get_tensor("lora_te_text_model_encoder_layers_1_self_attn_v_proj.alpha").item() == 4.0
+
+
+def test_convert_non_lora_kinds_to_kohya_by_svd(tiny_pipe, tmp_path):
+    w1a, w1b, w2a, w2b = rand(64, 2), rand(2, 64), rand(64, 2), rand(2, 64)
+    t = {f"{kname(Q)}.hada_w1_a": w1a, f"{kname(Q)}.hada_w1_b": w1b, f"{kname(Q)}.hada_w2_a": w2a,
+         f"{kname(Q)}.hada_w2_b": w2b, f"{kname(Q)}.alpha": torch.tensor(2.0)}
+    save_file(t, str(tmp_path / "loha.safetensors"))
+    dense = read_lora_file(tmp_path / "loha.safetensors").modules["unet." + Q].delta()
+    exact = runner.invoke(app, ["lora", "convert", str(tmp_path / "loha.safetensors"), str(tmp_path / "k4.safetensors"),
+                                "--to", "kohya", "--rank", "4"])  # a LoHa of dim 2 has rank <= 2 x 2
+    assert exact.exit_code == 0 and "kept 100.00%" in exact.output, exact.output
+    assert torch.allclose(read_lora_file(tmp_path / "k4.safetensors").modules["unet." + Q].delta(), dense, atol=1e-6)
+    small = runner.invoke(app, ["lora", "convert", str(tmp_path / "loha.safetensors"), str(tmp_path / "k1.safetensors"),
+                                "--to", "kohya", "--rank", "1"])
+    s = torch.linalg.svdvals(dense)
+    lost = float((s[1:] ** 2).sum() / (s**2).sum())
+    assert small.exit_code == 0 and f"kept {1 - lost:.2%}" in small.output, small.output
+
+    dora = {f"{kname(Q)}.lora_down.weight": rand(2, 64), f"{kname(Q)}.lora_up.weight": rand(64, 2),
+            f"{kname(Q)}.dora_scale": rand(64, 1).abs() + 1}
+    save_file(dora, str(tmp_path / "dora.safetensors"))
+    refused = runner.invoke(app, ["lora", "convert", str(tmp_path / "dora.safetensors"), str(tmp_path / "x.safetensors"),
+                                  "--to", "kohya"])
+    assert refused.exit_code == 2 and "--model" in refused.output and not (tmp_path / "x.safetensors").exists()
+    with_base = runner.invoke(app, ["lora", "convert", str(tmp_path / "dora.safetensors"), str(tmp_path / "x.safetensors"),
+                                    "--to", "kohya", "--model", "tiny", "--rank", "64"])
+    assert with_base.exit_code == 0 and "kept 100.00%" in with_base.output, with_base.output
+
+
+def test_info_says_which_tools_load_the_file(tiny_pipe, tmp_path):
+    kohya = random_lora(tiny_pipe, tmp_path / "k.safetensors", fmt="kohya")
+    shown = runner.invoke(app, ["lora", "info", str(kohya)]).output
+    assert "loads as is in: morphkit yes; diffusers yes; ComfyUI yes; A1111 yes" in shown
+    diffusers = lora_info(random_lora(tiny_pipe, tmp_path / "d.safetensors"))
+    assert diffusers["loaders"]["A1111"].startswith("no") and diffusers["loaders"]["ComfyUI"].startswith("partly")
+    xl = {f"lora_te{i}_text_model_encoder_layers_0_mlp_fc1.{leaf}": torch.zeros(4, 4) for i in (1, 2)
+          for leaf in ("lora_down.weight", "lora_up.weight")}
+    save_file(xl, str(tmp_path / "xl.safetensors"))
+    report = lora_info(tmp_path / "xl.safetensors")  # both text encoders share module paths: both are counted
+    assert report["text_encoder_modules"] == 2 and report["text_encoder_2_modules"] == 1 and report["base"] == "SDXL"
+
+
+def test_training_header_is_useful_and_holds_no_absolute_path(tiny_pipe, tmp_path, photo):
+    from morphkit.train import TrainSettings, train_lora
+
+    with pytest.warns(UserWarning, match="conv_in"):
+        TrainSettings.resolve(data=str(photo), targets="to_q,conv_in")
+    out = tmp_path / "deep" / "out"
+    train_lora(str(photo), "a photo of sks, red", pipe=tiny_pipe, output_dir=out, name="me", steps=1, rank=2,
+               targets="to_q,conv1", checkpointing_steps=0, progress=False)
+    with safe_open(str(out / "me.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert not [k for k, v in meta.items() if str(tmp_path) in v or '"/' in v or v.startswith("/")], meta
+    assert meta["ss_output_name"] == "me" and meta["modelspec.resolution"] == "64x64"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2"}
+    assert json.loads(meta["ss_tag_frequency"]) == {"photo.png": {"a photo of sks": 1, "red": 1}}
+    assert json.loads(meta["morphkit.settings"])["data"] == "photo.png"
+    assert "sks" in meta["morphkit.settings"]
+
+    train_lora(str(photo), "a photo of sks", pipe=tiny_pipe, output_dir=out, name="private", steps=1, rank=2,
+               checkpointing_steps=0, progress=False, metadata_prompt=False, overwrite=True)
+    with safe_open(str(out / "private.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert "ss_tag_frequency" not in meta and not any("sks" in v for v in meta.values())
+
+
+def test_rank_and_alpha_that_vary_by_module_are_recorded(tmp_path):
+    from morphkit.lora_files import LoraFile, LoraModule, save_lora_file
+
+    lora = LoraFile({"unet." + Q: LoraModule(rand(2, 64), rand(64, 2), 1.0),
+                     "unet." + Q.replace("to_q", "to_k"): LoraModule(rand(4, 64), rand(64, 4), 4.0),
+                     "unet." + Q.replace("to_q", "to_v"): LoraModule(rand(4, 64), rand(64, 4), 4.0)})
+    save_lora_file(tmp_path / "k.safetensors", lora)
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and json.loads(meta["morphkit.rank_pattern"])[kname(Q)] == 2
+    assert json.loads(meta["morphkit.alpha_pattern"])[kname(Q)] == 1.0

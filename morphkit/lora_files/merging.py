@@ -30,7 +30,7 @@ def for_unet(lora: LoraFile, unet) -> LoraFile:
     """`lora` with its UNet module names in `unet`'s diffusers layout (LDM names renamed; others unchanged)."""
     if not any(is_ldm_path(p) for p in lora.part("unet")):
         return lora
-    names = ldm_unet_names(unet.config)
+    names = ldm_unet_names(unet.config, {n for n, _ in unet.named_modules()})
     modules = {}
     for key, m in lora.modules.items():
         part, _, path = key.partition(".")
@@ -56,7 +56,7 @@ def weight_of(pipe, name: str) -> torch.Tensor:
     part, _, path = name.partition(".")
     model = part_of(pipe, part)
     if part == "unet" and is_ldm_path(path):
-        path = unet_path_for(path, ldm_unet_names(model.config))
+        path = unet_path_for(path, ldm_unet_names(model.config, {n for n, _ in model.named_modules()}))
     layer = find_layer(model, path)
     if layer is None or not hasattr(layer, "weight"):
         raise LoRAError(f"The LoRA adapts {shown(name)}, which this model does not have.")

@@ -136,11 +136,13 @@ def is_ldm_path(path: str) -> bool:
     return path.startswith(_LDM_ROOTS)
 
 
-def ldm_unet_names(config) -> dict[str, str]:
-    """LDM module prefix -> diffusers module prefix, for a UNet2DConditionModel config."""
+def ldm_unet_names(config, existing=None) -> dict[str, str]:
+    """LDM module prefix -> diffusers module prefix, for a UNet2DConditionModel config; with `existing` (the
+    UNet's module names), only prefixes the UNet has (the layout's numbering gives absent blocks names too)."""
     from ..checkpoint import unet_ldm_prefixes
 
-    return {ldm: diffusers for diffusers, ldm in unet_ldm_prefixes(config).items()}
+    return {ldm: diffusers for diffusers, ldm in unet_ldm_prefixes(config).items()
+            if existing is None or diffusers in existing}
 
 
 def unet_path_for(path: str, ldm_names: dict[str, str]) -> str:
