@@ -80,6 +80,7 @@ def train(
     checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps", help="Save a resumable checkpoint every N steps (0: none). [default: 100]"),
     checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help="Keep at most K checkpoints. [default: 2]"),
     lora_format: str = typer.Option("kohya", "--format", help="File format of the LoRA: kohya (lora_unet_... keys; loads in A1111, ComfyUI, diffusers and morphkit), diffusers (PEFT keys, as diffusers' own scripts write), or both (NAME.safetensors in kohya format and NAME.diffusers.safetensors)."),
+    metadata_prompt: bool = typer.Option(True, "--metadata-prompt/--no-metadata-prompt", help="Record the prompt and the captions' tags (ss_tag_frequency, which A1111 shows as trigger words) in the LoRA's header; --no-metadata-prompt keeps them out, for private data. [default: recorded]"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing LoRA and start afresh (with --resume: continue, then replace)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
@@ -103,11 +104,14 @@ def train(
         checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
     )
     start = time.perf_counter()
-    result = call(
-        morphkit.train_lora, data, prompt, config=config, model=model, output_dir=output_dir, name=name,
-        device=device, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, lora_format=lora_format,
-        progress=not quiet, **settings,
-    )
+    from cli.lora import lora_warnings
+
+    with lora_warnings():  # e.g. targets that kohya-format tools drop, said before training starts
+        result = call(
+            morphkit.train_lora, data, prompt, config=config, model=model, output_dir=output_dir, name=name,
+            device=device, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, lora_format=lora_format,
+            metadata_prompt=metadata_prompt, progress=not quiet, **settings,
+        )
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
     typer.echo(f"Trained {result.steps} steps{resumed}{last} in {time.perf_counter() - start:.1f} s.")

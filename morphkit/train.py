@@ -39,6 +39,7 @@ from .errors import ConfigError, InputError, OutputExistsError
 from .images import MAX_RESOLUTION, center_crop, fit_size, resize_to_policy
 from .io import atomic_write, make_staging_dir, write_json
 from .lora import DEFAULT_TARGETS, LoraShape, adapter_metadata, add_lora, check_targets, lora_state_dict, save_lora
+from .lora_files import tag_frequency, warn_kohya_dropped
 from .models import DEFAULT_MODEL, encode_image, encode_prompt, load_pipeline, resolve_device, resolve_dtype
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -153,6 +154,7 @@ class TrainSettings:
         need(self.alpha is None or number("alpha") > 0, f"The LoRA alpha must be positive; got {self.alpha}.")
         need(isinstance(self.targets, list) and self.targets and all(isinstance(t, str) and t for t in self.targets),
              "targets must be a non-empty list of module names, like to_q,to_k,to_v,to_out.0.")
+        warn_kohya_dropped(self.targets)  # conv_in, conv_out, time_embedding: kohya's sd-scripts skips them
         need(self.steps is None or number("steps", int) >= 1, f"steps must be at least 1; got {self.steps}.")
         need(self.epochs is None or number("epochs", int) >= 1, f"epochs must be at least 1; got {self.epochs}.")
         need(self.steps is None or self.epochs is None, "Give steps or epochs, not both.")
@@ -610,6 +612,7 @@ def train_lora(
     resume: bool = False,
     allow_pickle: bool = False,
     lora_format: str = "kohya",
+    metadata_prompt: bool = True,
     pipe=None,
     progress: bool = True,
     **settings,
@@ -620,7 +623,8 @@ def train_lora(
     the keyword arguments. Writes into `output_dir` (default `outputs/lora/<name>`):
     `<name>.safetensors`, `train_log.jsonl`, `train_settings.json` and `checkpoints/step-N/`.
     `lora_format` is `kohya` (the default: loads in A1111, ComfyUI, diffusers and morphkit), `diffusers`,
-    or `both` (`<name>.safetensors` in kohya format and `<name>.diffusers.safetensors`).
+    or `both` (`<name>.safetensors` in kohya format and `<name>.diffusers.safetensors`). The file's header
+    records the captions' tags (`ss_tag_frequency`) and the prompt unless `metadata_prompt` is False.
     Pass a loaded `pipe` to reuse it; the trained adapter is then left active in `pipe.unet`.
     """
     s = TrainSettings.resolve(config, data=None if data is None else str(data), prompt=prompt, model=model,
@@ -695,7 +699,9 @@ def train_lora(
         "resolution": resolution,
         "seed": s.seed,
         "data_hash": digest,
-        "settings": json.dumps(dataclasses.asdict(s), sort_keys=True),
+        "settings": json.dumps({k: v for k, v in dataclasses.asdict(s).items() if metadata_prompt or k != "prompt"},
+                               sort_keys=True),
+        "tag_frequency": tag_frequency([ex.captions for ex in examples], s.data) if metadata_prompt else None,
     }
     info["name"], info["num_images"], info["learning_rate"] = name, len(examples), s.learning_rate
     info["lr_scheduler"], info["noise_offset"] = s.lr_scheduler, s.noise_offset
