@@ -339,6 +339,8 @@ from cli.stylize import stylize as _stylize  # noqa: E402
 
 app.add_typer(_lora_cli.app, name="lora")
 app.command(name="stylize")(_stylize)
+from cli.ui import ui as _ui  # noqa: E402
+app.command(name="ui")(_ui)
 
 
 def main():

@@ -1,0 +1,53 @@
+"""The page: a `gr.Blocks` with a Morph tab and a Stylize tab over one `Workspace`.
+
+Jobs that use the model run one at a time in the queue group `model`; previews and checks of uploads run
+beside them. Every handler returns its outcome to a status box (`#morph-status`, `#stylize-status`), errors
+included: the page never shows a traceback and the server keeps running.
+"""
+
+from __future__ import annotations
+
+from . import require_gradio
+from .workspace import Workspace
+
+MODEL_JOBS = "model"  # the queue group of every job that runs the model: one at a time
+
+
+def image_input(**kwargs):
+    """A `gr.Image` upload that hands its handler the uploaded file's path without decoding it first.
+
+    Gradio's own preprocessing opens the upload with Pillow before any handler runs, so a corrupt file would
+    fail inside Gradio with a generic error. Here morphkit's loader reads it, and its message reaches the page.
+    """
+    gr = require_gradio()
+
+    class ImagePath(gr.Image):
+        def get_block_name(self) -> str:
+            return "image"
+
+        def preprocess(self, payload):
+            return None if payload is None else payload.path
+
+    return ImagePath(type="filepath", sources=["upload", "clipboard"], **kwargs)
+
+
+def session_of(request) -> str:
+    """The browser session a request comes from (each tab of each visitor has its own)."""
+    return getattr(request, "session_hash", None) or "local"
+
+
+def build_app(workspace: Workspace):
+    """The whole page for `workspace` (not launched)."""
+    gr = require_gradio()
+    from .morph_tab import morph_tab
+    from .stylize_tab import stylize_tab
+
+    with gr.Blocks(title="morphkit", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(f"## morphkit\nModel: `{workspace.model}`. Morph two photos into each other, or redraw photos "
+                    "in a LoRA's style. Jobs run one at a time; others wait in the queue.")
+        with gr.Tabs():
+            with gr.Tab("Morph", id="morph"):
+                morph_tab(workspace)
+            with gr.Tab("Stylize", id="stylize"):
+                stylize_tab(workspace)
+    return demo

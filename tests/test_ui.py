@@ -1,0 +1,191 @@
+"""The web UI in a real browser: `morphkit ui --model tiny` in a subprocess, driven by headless Chromium.
+
+Debian's `chromium` is driven through Playwright (Playwright's own browser download needs its CDN). The
+tests skip only where no Chromium is installed, and say so; CI installs it (`.ci/run`).
+Set MORPHKIT_UI_SCREENSHOT=docs/ui.png to also write the README's screenshot.
+"""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_photo
+from safetensors.torch import save_file
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium (CI does)")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SLOW = 90_000  # ms: the longest a job may take on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`morphkit ui --model tiny` on a free port; yields its URL and stops it afterwards."""
+    tmp = tmp_path_factory.mktemp("ui-server")
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MORPHKIT_CACHE=str(tmp / "cache"), GRADIO_TEMP_DIR=str(tmp / "gradio"),
+               GRADIO_ANALYTICS_ENABLED="False", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="2")
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ui", "--model", "tiny", "--port", str(port),
+                             "--lora-dir", str(tmp / "loras"), "--device", "cpu"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"morphkit ui exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"morphkit ui did not answer in 90 s:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    print(f"server log: {tmp / 'server.log'}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=SLOW)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(SLOW)
+    page.goto(server)
+    yield page
+    context.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a Number or a Slider's number box and leave it (Gradio takes the value on blur)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def seconds(text: str) -> float:
+    """The first 'in N s' of a status message."""
+    return float(re.search(r" in ([0-9.]+) s", text).group(1))
+
+
+def test_morph_prepare_render_rerender_and_a_corrupt_upload(page, tmp_path):
+    from playwright.sync_api import expect
+
+    a, b = make_photo(tmp_path / "a.png"), make_photo(tmp_path / "b.png", size=(64, 80), seed=1)
+    status = page.locator("#morph-status textarea")
+    page.locator("#image_a input[type=file]").set_input_files(str(a))
+    expect(status).to_have_value(re.compile(r"a\.png: 80x64, ready"))
+    page.locator("#image_b input[type=file]").set_input_files(str(b))
+    expect(status).to_have_value(re.compile(r"b\.png: 64x80, ready"))
+    for elem_id, value in (("frames", 5), ("steps", 10), ("lora_steps", 20), ("resolution", 64)):
+        set_number(page, elem_id, value)
+
+    page.locator("#prepare").click()
+    expect(status).to_have_value(re.compile(r"^Prepared in"))
+    prepare_s = seconds(status.input_value())
+    assert "computed: lora_a, lora_b" in status.input_value()
+
+    page.locator("#render").click()
+    expect(status).to_have_value(re.compile(r"λ 0\.6.*reused the prepared pair"))
+    expect(page.locator("#morph-gif img")).to_have_attribute("src", re.compile(r"\.gif"))
+    expect(page.locator("#morph-frames img")).to_have_count(5)
+    expect(page.locator("#morph-metrics")).to_contain_text("PPL")
+
+    set_number(page, "attn_lambda", 0.2)  # a render setting: nothing is fitted or inverted again
+    page.locator("#render").click()
+    expect(status).to_have_value(re.compile(r"λ 0\.2.*reused the prepared pair \(no LoRA fitted"))
+    render_s = seconds(status.input_value())
+    print(f"Prepare {prepare_s:.2f} s; a render with a changed λ {render_s:.2f} s")
+    for name in ("morph.gif", "morph.mp4", "frames.zip"):
+        expect(page.locator(f"#morph-files a[href$='/{name}']")).to_have_count(1)
+    shot = tmp_path / "ui.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MORPHKIT_UI_SCREENSHOT"):
+        save_readme_screenshot(page, Path(os.environ["MORPHKIT_UI_SCREENSHOT"]))
+
+    set_number(page, "lora_steps", 21)  # a prepare setting: Render prepares again, and says why
+    page.locator("#render").click()
+    expect(status).to_have_value(re.compile(r"^Prepared the pair \(a setting of the LoRAs or the inversion changed"))
+
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(a.read_bytes()[:200])  # a PNG cut off after its header
+    page.locator("#image_a input[type=file]").set_input_files(str(corrupt))
+    expect(status).to_have_value(re.compile(r"broken\.png is corrupt or truncated"))
+    page.locator("#prepare").click()
+    expect(status).to_have_value(re.compile(r"^The image broken\.png is corrupt"))
+    assert "Traceback" not in page.content() and "/tmp" not in status.input_value()
+
+
+def save_readme_screenshot(page, target: Path) -> None:
+    """A small PNG of the top of the page for the README (palette-reduced to stay small)."""
+    from PIL import Image
+
+    raw = target.with_suffix(".raw.png")
+    page.screenshot(path=str(raw), full_page=True)
+    image = Image.open(raw).convert("RGB")
+    image = image.resize((image.width * 2 // 3, image.height * 2 // 3), Image.Resampling.LANCZOS)
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(target, optimize=True)
+    raw.unlink()
+
+
+def test_stylize_edges_preview_and_a_lora_for_another_model(page, tmp_path):
+    from playwright.sync_api import expect
+
+    photo = make_photo(tmp_path / "photo.png")
+    attn = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    wrong = tmp_path / "sd15_sized.safetensors"  # a LoRA made for SD 1.5's sizes, not the tiny model's
+    save_file({f"{attn}.lora_A.weight": torch.ones(4, 320), f"{attn}.lora_B.weight": torch.ones(320, 4)}, str(wrong))
+    page.get_by_role("tab", name="Stylize").click()
+    status = page.locator("#stylize-status textarea")
+    page.locator("#stylize-images input[type=file]").set_input_files(str(photo))
+    expect(page.locator("#stylize-edges img")).to_have_count(1)
+    expect(page.locator("#stylize-edges")).to_contain_text(re.compile(r"photo\.png: Canny \d+/\d+"))
+    page.locator("#canny-auto input").uncheck()
+    set_number(page, "canny-low", 50)
+    expect(page.locator("#stylize-edges")).to_contain_text("Canny 50/200")
+    set_number(page, "stylize-steps", 4)
+
+    page.locator("#stylize").click()
+    expect(status).to_have_value(re.compile(r"^Stylized 1 of 1"))
+    expect(page.locator("#stylize-results img")).to_have_count(2)  # the input and its result
+
+    page.locator("#stylize-lora-upload input[type=file]").set_input_files(str(wrong))
+    expect(page.locator("#stylize-loras textarea")).to_have_value("sd15_sized.safetensors: 1.0")
+    page.locator("#stylize").click()
+    expect(status).to_have_value(re.compile(r"sd15_sized\.safetensors.*does not fit"))
+    assert "Traceback" not in page.content()
