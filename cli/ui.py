@@ -37,8 +37,8 @@ def ui(
     call(require_gradio)
     if not 0 < port < 65536:
         call(_bad_port, port)
-    call(launch, model or DEFAULT_MODEL, host=host, port=port, lora_dir=lora_dir, controlnet=controlnet, max_upload_mb=max_upload_mb,
-         device=device, dtype=dtype)
+    call(launch, model or DEFAULT_MODEL, host=host, port=port, lora_dir=lora_dir, controlnet=controlnet,
+         max_upload_mb=max_upload_mb, device=device, dtype=dtype)
 
 
 def _bad_port(port: int):

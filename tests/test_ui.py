@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, make_photo
+from PIL import Image
 from safetensors.torch import save_file
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium (CI does)")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here: apt-get install chromium (CI does)")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 SLOW = 90_000  # ms: the longest a job may take on a busy 2-core machine
@@ -102,7 +103,8 @@ def seconds(text: str) -> float:
     return float(re.search(r" in ([0-9.]+) s", text).group(1))
 
 
-def test_morph_prepare_render_rerender_and_a_corrupt_upload(page, tmp_path):
+@needs_chromium
+def test_morph_prepare_render_rerender_cancel_and_bad_uploads(page, tmp_path):
     from playwright.sync_api import expect
 
     a, b = make_photo(tmp_path / "a.png"), make_photo(tmp_path / "b.png", size=(64, 80), seed=1)
@@ -142,6 +144,19 @@ def test_morph_prepare_render_rerender_and_a_corrupt_upload(page, tmp_path):
     page.locator("#render").click()
     expect(status).to_have_value(re.compile(r"^Prepared the pair \(a setting of the LoRAs or the inversion changed"))
 
+    set_number(page, "lora_steps", 5000)  # a long job, cancelled while it fits
+    page.locator("#prepare").click()
+    expect(page.get_by_text(re.compile(r"fitting LoRAs"))).not_to_have_count(0)
+    page.locator("#morph-cancel").click()
+    expect(status).to_have_value(re.compile(r"^Cancelled\."))
+    page.locator("#morph-cancel").click()
+    expect(status).to_have_value("Nothing to cancel: no job of this page is running.")
+
+    huge = tmp_path / "huge.png"  # 20 megapixels of one colour: a small file, too many pixels for the page
+    Image.new("RGB", (5000, 4000), (90, 120, 200)).save(huge)
+    page.locator("#image_b input[type=file]").set_input_files(str(huge))
+    expect(status).to_have_value(re.compile(r"huge\.png is 5000x4000 pixels, more than this page accepts"))
+
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes(a.read_bytes()[:200])  # a PNG cut off after its header
     page.locator("#image_a input[type=file]").set_input_files(str(corrupt))
@@ -153,8 +168,6 @@ def test_morph_prepare_render_rerender_and_a_corrupt_upload(page, tmp_path):
 
 def save_readme_screenshot(page, target: Path) -> None:
     """A small PNG of the top of the page for the README (palette-reduced to stay small)."""
-    from PIL import Image
-
     raw = target.with_suffix(".raw.png")
     page.screenshot(path=str(raw), full_page=True)
     image = Image.open(raw).convert("RGB")
@@ -163,6 +176,7 @@ def save_readme_screenshot(page, target: Path) -> None:
     raw.unlink()
 
 
+@needs_chromium
 def test_stylize_edges_preview_and_a_lora_for_another_model(page, tmp_path):
     from playwright.sync_api import expect
 
@@ -189,3 +203,41 @@ def test_stylize_edges_preview_and_a_lora_for_another_model(page, tmp_path):
     page.locator("#stylize").click()
     expect(status).to_have_value(re.compile(r"sd15_sized\.safetensors.*does not fit"))
     assert "Traceback" not in page.content()
+
+
+# ---------------------------------------------------------------------------------------------
+# the page's helpers, without a browser
+
+
+def test_lora_lines_keep_typed_weights_and_resolve_only_known_files(tmp_path):
+    from morphkit.errors import ConfigError
+    from morphkit.ui.workspace import lora_lines, resolve_loras
+
+    folder = tmp_path / "loras"
+    (folder / "styles").mkdir(parents=True)
+    (folder / "styles" / "oil.safetensors").write_bytes(b"x")
+    upload = tmp_path / "upload" / "ink.safetensors"
+    text = lora_lines([upload], ["styles/oil.safetensors"], "ink.safetensors: 0.5\ngone.safetensors: 2")
+    assert text == "ink.safetensors: 0.5\nstyles/oil.safetensors: 1.0"
+    assert resolve_loras(text, [upload], folder) == [(upload, 0.5), (folder / "styles" / "oil.safetensors", 1.0)]
+    with pytest.raises(ConfigError, match="neither uploaded nor in the LoRA folder"):
+        resolve_loras("/etc/passwd: 1", [upload], folder)
+    with pytest.raises(ConfigError, match="must be a number"):
+        resolve_loras("ink.safetensors: lots", [upload], folder)
+
+
+def test_page_messages_name_uploads_and_hide_tracebacks(tmp_path):
+    from morphkit.errors import InputError
+    from morphkit.ui.plot import pacing_plot
+    from morphkit.ui.workspace import check_upload, page_message
+
+    broken = tmp_path / "cache" / "0123abc" / "broken.png"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
+    with pytest.raises(InputError) as info:
+        check_upload(str(broken))
+    message = page_message(info.value, [str(broken)])
+    assert "broken.png" in message and str(tmp_path) not in message
+    assert page_message(KeyError("x")).startswith("Unexpected KeyError") and "Traceback" not in page_message(KeyError())
+    plot = pacing_plot([0, 0.5, 1], [0, 0.4, 1], [0.2, 0.1], [0.15, 0.15])
+    assert plot.size == (720, 260) and plot.getextrema() != ((255, 255),) * 3

@@ -29,7 +29,9 @@ def require_gradio():
 def launch(model: str | None = None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, lora_dir=None,
            controlnet: str | None = None, max_upload_mb: int = MAX_UPLOAD_MB, device: str | None = None,
            dtype: str | None = None, allow_pickle: bool = False, block: bool = True):
-    """Load `model` (default: Stable Diffusion 1.5; "tiny" runs offline) once and serve the page on http://host:port until interrupted (never a public share link).
+    """Load `model` once and serve the page on http://host:port until interrupted (never a public share link).
+
+    `model`: as `load_pipeline` takes it; Stable Diffusion 1.5 by default, "tiny" runs offline.
 
     Jobs that use the model (Prepare, Render, Stylize) run one at a time; other visitors queue. Uploads
     above `max_upload_mb` are refused by the page.

@@ -10,7 +10,7 @@ settings object. Render reuses the session's prepared pair when only render sett
 from . import require_gradio
 from .app import MODEL_JOBS, image_input, session_of
 from .plot import pacing_plot
-from .workspace import Prepared, Render, Workspace, check_upload, page_message
+from .workspace import CANCEL_MESSAGES, Prepared, Render, Workspace, check_upload, page_message
 
 RENDER_ONLY = "λ, AdaIN, LoRA blend, frames or pacing"
 
@@ -66,9 +66,10 @@ def render_message(result: Render, prepared: Prepared, reason: str | None, setti
 
 def metrics_markdown(result: Render) -> str:
     m = result.metrics
-    return (f"| measure | value |\n|---|---|\n| PPL (path length) | {m.ppl:.4f} |\n| PDV (0: even pacing) | {m.pdv:.3g} |\n"
-            f"| PSNR, SSIM at A | {m.psnr_a:.2f} dB, {m.ssim_a:.4f} |\n| PSNR, SSIM at B | {m.psnr_b:.2f} dB, "
-            f"{m.ssim_b:.4f} |\n| distance | {getattr(m, 'distance', '')} |")
+    rows = [("PPL (path length)", f"{m.ppl:.4f}"), ("PDV (0: even pacing)", f"{m.pdv:.3g}"),
+            ("PSNR, SSIM at A", f"{m.psnr_a:.2f} dB, {m.ssim_a:.4f}"),
+            ("PSNR, SSIM at B", f"{m.psnr_b:.2f} dB, {m.ssim_b:.4f}"), ("distance", str(getattr(m, "distance", "")))]
+    return "| measure | value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
 def why_prepare(workspace: Workspace, prepared: Prepared | None, uploads: tuple, settings) -> str | None:
@@ -141,9 +142,8 @@ def morph_tab(workspace: Workspace) -> None:
                 plot: pacing_plot(r.first_alphas or r.alphas, r.alphas, r.first_distances, r.distances),
                 files: [str(p) for p in result.files.values()]}
 
-    def cancel(request: gr.Request):
-        asked = workspace.cancel(session_of(request))
-        return "Cancelling: the job stops at its next step." if asked else gr.skip()
+    def cancel(request: gr.Request):  # a job that stopped says so itself (in its own output)
+        return CANCEL_MESSAGES.get(workspace.cancel(session_of(request)), gr.skip())
 
     def check(path):
         try:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from . import require_gradio
 from .app import MODEL_JOBS, session_of
-from .workspace import (Workspace, check_upload, lora_folder_choices, lora_lines, name_uploads, page_message,
-                        resolve_loras)
+from .workspace import (CANCEL_MESSAGES, Workspace, check_upload, lora_folder_choices, lora_lines, name_uploads,
+                        page_message, resolve_loras)
 
 
 def _paths(files) -> list[str]:
@@ -103,8 +103,7 @@ def stylize_tab(workspace: Workspace) -> None:
     run_btn.click(run, [images, upload, weights, auto, low, high, resolution, prompt, negative, strength, guidance,
                         cn_scale, steps, seed], [results, status], concurrency_id=MODEL_JOBS)
 
-    def cancel(request: gr.Request):
-        asked = workspace.cancel(session_of(request))
-        return "Cancelling: the job stops at its next image or step." if asked else gr.skip()
+    def cancel(request: gr.Request):  # a job that stopped says so itself (in its own output)
+        return CANCEL_MESSAGES.get(workspace.cancel(session_of(request)), gr.skip())
 
     cancel_btn.click(cancel, None, status, queue=False)

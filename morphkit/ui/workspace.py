@@ -29,6 +29,8 @@ log = logging.getLogger("morphkit.ui")
 MAX_PIXELS = 4096 * 4096  # the page's limit per uploaded image; the CLI takes up to 64 megapixels
 PREVIEW_IMAGES = 4  # edge maps previewed live on the Stylize tab
 LORA_SUFFIXES = (".safetensors",)
+CANCEL_MESSAGES = {"none": "Nothing to cancel: no job of this page is running.",
+                   "stopping": "Cancelling: the job stops at its next step."}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,21 +186,36 @@ class Workspace:
             event = self._cancel[session] = threading.Event()
         return event
 
-    def cancel(self, session: str) -> bool:
-        """Ask the session's running job to stop at its next step; False when it has none."""
+    def cancel(self, session: str, wait: float = 10.0) -> str:
+        """Ask the session's running job to stop at its next step, and wait up to `wait` seconds for it to end.
+
+        Returns "none" (nothing was running), "stopped" (it ended; its own message says so) or "stopping".
+        """
         with self._lock:
             event = self._cancel.get(session)
-        if event is None or event.is_set():
-            return False
+        if event is None:
+            return "none"
         event.set()
-        return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._cancel.get(session) is not event:
+                    return "stopped"
+            time.sleep(0.05)
+        return "stopping"
 
     def run(self, session: str, job, *args, **kwargs):
         """`job(*args, **kwargs)` under this session's cancel event (morphkit's loops raise `Cancelled`)."""
         from ..progress import cancellable
 
-        with cancellable(self.job_event(session)):
-            return job(*args, **kwargs)
+        event = self.job_event(session)
+        try:
+            with cancellable(event):
+                return job(*args, **kwargs)
+        finally:
+            with self._lock:
+                if self._cancel.get(session) is event:
+                    del self._cancel[session]
 
     def outdir(self, prefix: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
@@ -221,6 +238,7 @@ class Workspace:
         for path, what in ((image_a, "image A"), (image_b, "image B")):
             check_upload(path, what)
         start = time.perf_counter()
+        self.current_pair = None  # preparing replaces the adapters on the model, even when it fails half-way
         pair = prepare_pair(image_a, image_b, settings, pipe=self.pipe, progress=True)
         self.current_pair = pair
         return Prepared((image_a, image_b), pair, time.perf_counter() - start)
@@ -279,5 +297,5 @@ class Workspace:
                        allow_pickle=self.allow_pickle, progress=True, **settings)
 
 
-__all__ = ["Cancelled", "MAX_PIXELS", "Prepared", "Render", "Workspace", "check_upload", "lora_folder_choices",
-           "lora_lines", "name_uploads", "page_message", "resolve_loras", "zip_frames"]
+__all__ = ["Cancelled", "MAX_PIXELS", "CANCEL_MESSAGES", "Prepared", "Render", "Workspace", "check_upload",
+           "lora_folder_choices", "lora_lines", "name_uploads", "page_message", "resolve_loras", "zip_frames"]
