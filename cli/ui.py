@@ -17,7 +17,7 @@ LORA_DIR_HELP = "Folder whose .safetensors files the Stylize tab offers to pick.
 def ui(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help=MODEL_HELP + " [default: stable-diffusion-v1-5/stable-diffusion-v1-5]"),
-    port: int = typer.Option(7860, "--port", "-p", help="Port to listen on."),
+    port: int = typer.Option(7860, "--port", help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", "--host", help=HOST_HELP),
     lora_dir: Optional[Path] = typer.Option(None, "--lora-dir", help=LORA_DIR_HELP),
     controlnet: Optional[str] = typer.Option(None, "--controlnet",
@@ -35,13 +35,15 @@ def ui(
     from morphkit.ui import launch, require_gradio
 
     call(require_gradio)
-    if not 0 < port < 65536:
-        call(_bad_port, port)
+    call(_check_options, port, max_upload_mb)
     call(launch, model or DEFAULT_MODEL, host=host, port=port, lora_dir=lora_dir, controlnet=controlnet,
          max_upload_mb=max_upload_mb, device=device, dtype=dtype)
 
 
-def _bad_port(port: int):
+def _check_options(port: int, max_upload_mb: int) -> None:
     from morphkit.errors import ConfigError
 
-    raise ConfigError(f"--port must be from 1 to 65535; got {port}.")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be from 1 to 65535; got {port}.")
+    if max_upload_mb < 1:
+        raise ConfigError(f"--max-upload-mb must be at least 1; got {max_upload_mb}.")

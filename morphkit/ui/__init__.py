@@ -7,8 +7,9 @@ the rest of morphkit works without it.
 from __future__ import annotations
 
 import os
+import socket
 
-from ..errors import MorphkitError
+from ..errors import ConfigError, MorphkitError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -37,7 +38,8 @@ def launch(model: str | None = None, *, host: str = DEFAULT_HOST, port: int = DE
     above `max_upload_mb` are refused by the page.
     """
     require_gradio()
-    from .app import build_app
+    check_port(host, port)  # before the model loads, which can take a while
+    from .app import CSS, build_app
     from .workspace import Workspace
 
     from ..models import DEFAULT_MODEL
@@ -47,8 +49,19 @@ def launch(model: str | None = None, *, host: str = DEFAULT_HOST, port: int = DE
     demo = build_app(workspace)
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=f"{int(max_upload_mb)}mb",
-                show_error=False, footer_links=[], prevent_thread_lock=not block, quiet=False)
+                show_error=False, footer_links=[], prevent_thread_lock=not block, quiet=False, css=CSS)
     return demo
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "MAX_UPLOAD_MB", "launch", "require_gradio"]
+def check_port(host: str, port: int) -> None:
+    """Raise `ConfigError` when `host:port` cannot be listened on (in use, or not an address of this machine)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"Cannot listen on {host}:{port} ({e.strerror or e}). Another program (another morphkit "
+                          "ui, perhaps) may be using that port: choose another --port, or check --host.") from None
+
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "MAX_UPLOAD_MB", "check_port", "launch", "require_gradio"]

@@ -11,6 +11,7 @@ from . import require_gradio
 from .workspace import Workspace
 
 MODEL_JOBS = "model"  # the queue group of every job that runs the model: one at a time
+CSS = "#morph-gif img { width: 100%; height: 100%; object-fit: contain; }"  # small frames shown large, not tiny
 
 
 def image_input(**kwargs):
