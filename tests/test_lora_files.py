@@ -670,3 +670,43 @@ def test_rank_and_alpha_that_vary_by_module_are_recorded(tmp_path):
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and json.loads(meta["morphkit.rank_pattern"])[kname(Q)] == 2
     assert json.loads(meta["morphkit.alpha_pattern"])[kname(Q)] == 1.0
+
+
+def test_adapter_form_of_every_kind_acts_as_the_merged_weights(tiny_pipe, tmp_path):
+    """What morph and invert load (LoRA layers) gives the UNet output that the merged weights give."""
+    from morphkit.lora import merged_updates
+
+    t = {f"{kname(Q)}.hada_w1_a": rand(64, 2), f"{kname(Q)}.hada_w1_b": rand(2, 64), f"{kname(Q)}.hada_w2_a": rand(64, 2),
+         f"{kname(Q)}.hada_w2_b": rand(2, 64), f"{kname(Q)}.alpha": torch.tensor(1.0)}
+    kq = kname(Q.replace("to_q", "to_k"))
+    t.update({f"{kq}.lokr_w1": rand(8, 8), f"{kq}.lokr_w2": rand(8, 8)})  # a full Kronecker product: rank 64
+    t.update({f"{kname(CONV)}.lora_down.weight": rand(2, 32, 1, 1), f"{kname(CONV)}.lora_mid.weight": rand(2, 2, 3, 3),
+              f"{kname(CONV)}.lora_up.weight": rand(64, 2, 1, 1)})
+    save_file(t, str(tmp_path / "mixed.safetensors"))
+    lora = read_lora_file(tmp_path / "mixed.safetensors")
+    assert lora.kinds == {"locon-tucker": 1, "loha": 1, "lokr": 1}
+    with merged_updates(tiny_pipe, [(lora, 0.8)], ("unet",)):
+        merged = unet_probe(tiny_pipe.unet)
+    adapters = probe_with(tiny_pipe, tmp_path / "mixed.safetensors", weight=0.8)
+    assert (adapters - merged).abs().max() < 1e-5 and (merged - unet_probe(tiny_pipe.unet)).abs().max() > 1e-3
+
+
+def test_stylize_applies_a_loha_as_its_nearest_exact_lora_would(tiny_pipe, photo, tmp_path):
+    t = {}
+    for name, m in read_lora_file(random_lora(tiny_pipe, tmp_path / "shape.safetensors", fmt="kohya")).modules.items():
+        out, inp = m.up.shape[0], m.down.shape[1]  # a LoHa on every attention projection
+        t.update({f"{kohya_module_name(name)}.hada_w1_a": rand(out, 2), f"{kohya_module_name(name)}.hada_w1_b": rand(2, inp) * 10,
+                  f"{kohya_module_name(name)}.hada_w2_a": rand(out, 2), f"{kohya_module_name(name)}.hada_w2_b": rand(2, inp) * 10})
+    save_file(t, str(tmp_path / "loha.safetensors"))
+    convert_lora(tmp_path / "loha.safetensors", tmp_path / "lora.safetensors", to="kohya", rank=4)  # exact: rank 2 x 2
+    from morphkit.models import load_controlnet
+    from morphkit.stylize import controlnet_pipeline
+
+    fast = dict(pipe=controlnet_pipeline(tiny_pipe, load_controlnet("tiny", device="cpu")), steps=3, save=False,
+                progress=False)
+    plain, loha, lora = (morphkit.stylize(photo, loras, **fast).images[0] for loras in
+                         ([], [f"{tmp_path / 'loha.safetensors'}:0.9"], [f"{tmp_path / 'lora.safetensors'}:0.9"]))
+    import numpy as np
+
+    a, b, c = (np.asarray(im, dtype=np.float32) for im in (plain, loha, lora))
+    assert np.abs(b - c).max() <= 1 and np.abs(b - a).mean() > 0.05  # merged vs adapters: rounding only
