@@ -151,135 +151,6 @@ def invert(
         typer.echo(f"{kind}: {path}")
 
 
-@app.command()
-def morph(
-    image_a: Path = typer.Argument(..., help="The first image (sets the frame size)."),
-    image_b: Path = typer.Argument(..., help=(
-        "The second image (scaled to cover A's frame, aspect kept, center-cropped)."
-    )),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Prompt for both images. [default: empty]"),
-    prompt_a: Optional[str] = typer.Option(None, "--prompt-a", help="Prompt for image A (overrides --prompt)."),
-    prompt_b: Optional[str] = typer.Option(None, "--prompt-b", help="Prompt for image B (overrides --prompt)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [default: stable-diffusion-v1-5/stable-diffusion-v1-5]"),
-    frames: int = typer.Option(16, "--frames", "-n", help="Frames from A to B, both ends included (at least 2)."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps for inversion and rendering."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance. 1 (DiffMorpher's default) keeps the ends faithful."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (only used when --guidance is not 1)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the LoRA fitting (the rest is deterministic)."),
-    lora_a: Optional[Path] = typer.Option(None, "--lora-a", help="Use this LoRA for image A instead of fitting one."),
-    lora_b: Optional[Path] = typer.Option(None, "--lora-b", help="Use this LoRA for image B instead of fitting one."),
-    lora_rank: int = typer.Option(16, "--lora-rank", help="Rank of the fitted LoRAs."),
-    lora_steps: int = typer.Option(200, "--lora-steps", help="Training steps of each fitted LoRA."),
-    lora_lr: float = typer.Option(2e-4, "--lora-lr", help="Learning rate of the fitted LoRAs."),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Shorter side of the frames in pixels, a multiple of 8. [default: the model's]"),
-    batch_size: int = typer.Option(8, "--batch-size", help="Frames rendered per UNet call."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Folder for morph.gif, morph.mp4 and frames/. [default: outputs/morph/A-B]"),
-    formats: str = typer.Option("gif,mp4,png", "--formats", help="Comma-separated: gif, mp4, png (frame folder)."),
-    fps: float = typer.Option(10.0, "--fps", help="Frames per second of the GIF and MP4."),
-    frame_duration: Optional[int] = typer.Option(None, "--frame-duration", help="Milliseconds per frame (instead of --fps)."),
-    loop: int = typer.Option(0, "--loop", help="GIF loop count; 0 loops forever."),
-    back_and_forth: bool = typer.Option(False, "--back-and-forth", help="Play A to B and back in the GIF and MP4."),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse fitted LoRAs and inversions from earlier runs (keyed by image content and settings)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the cache lives. [default: $MORPHKIT_CACHE/morph or ~/.cache/morphkit/morph]"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a morph already in the output folder."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled .ckpt/.pt/.bin model (loaded with weights_only=True). Only for files you trust."),
-    attn_lambda: float = typer.Option(0.6, "--attn-lambda", help=(
-        "Self-attention interpolation: for this fraction of the sampling steps (from the start) the "
-        "in-between frames' self-attention in the UNet's up blocks takes its keys and values from the two end "
-        "frames, interpolated by the frame's α (DiffMorpher's lambda, 0.6). Smooths the structure of the "
-        "in-between frames. 0 turns it off; 1 uses it at every step."
-    )),
-    adain: bool = typer.Option(True, "--adain/--no-adain", help=(
-        "AdaIN: give each in-between frame's starting noise the per-channel mean and std interpolated from "
-        "the two inverted noises, so that colour and brightness go smoothly from A to B instead of fading in "
-        "the middle."
-    )),
-    pacing: str = typer.Option("even", "--pacing", help=(
-        "even (default): after a first pass, move each frame's α so that consecutive frames are equally far "
-        "apart (no rush through the middle) and render again only the frames whose α moved: up to frames-2 "
-        "extra frame renders, about 40 % more time on a first SD 1.5 run where fitting the LoRAs dominates. "
-        "linear: α evenly spaced, one pass, faster, but the morph can jump where the images change fastest."
-    )),
-    distance: str = typer.Option("auto", "--distance", help=(
-        "How --pacing even measures the distance between frames: lpips (perceptual; needs the lpips package "
-        "and its AlexNet weights already on this machine), l2 (RMS pixel difference, no weights), or auto "
-        "(lpips when it can run, else l2). The summary names the one used."
-    )),
-    lora_blend: str = typer.Option("adapters", "--lora-blend", help=(
-        "How a frame blends the two LoRAs at its α. adapters (default): the weighted sum of the two LoRA "
-        "updates, (1-α)ΔW_A + αΔW_B. factors: DiffMorpher's way, the A and B factors interpolated separately, "
-        "((1-α)B_A + αB_B)((1-α)A_A + αA_B); needs LoRAs of the same rank."
-    )),
-    compile_unet: bool = typer.Option(False, "--compile", help=(
-        "Render through torch.compile. The first run waits for the compiler (a minute or more on a cold cache; "
-        "torch keeps compiled graphs on disk for later runs), then rendering is faster. Worth it for long renders "
-        "and repeated runs; measured figures in benchmarks/README.md."
-    )),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-):
-    """Morph image A into image B: a LoRA per image, DDIM inversion, slerp and blended adapters.
-
-    With DiffMorpher's refinements: self-attention interpolation, AdaIN and even pacing (see the options).
-    Writes morph.gif, morph.mp4 and frames/frame_NNN.png into the output folder.
-    """
-    import morphkit
-
-    chosen = [f.strip() for f in formats.split(",") if f.strip()]
-    if not chosen:
-        fail("--formats is empty: name at least one of gif, mp4, png.", 2)
-    result = call(
-        morphkit.morph, image_a, image_b, prompt=prompt, prompt_a=prompt_a, prompt_b=prompt_b,
-        model=model or morphkit.models.DEFAULT_MODEL, frames=frames, steps=steps, guidance=guidance,
-        negative_prompt=negative_prompt, seed=seed, lora_a=lora_a, lora_b=lora_b, lora_rank=lora_rank,
-        lora_steps=lora_steps, lora_lr=lora_lr, resolution=resolution, batch_size=batch_size, output_dir=output_dir,
-        formats=chosen, fps=fps, frame_duration_ms=frame_duration, loop=loop, back_and_forth=back_and_forth,
-        cache=cache, cache_dir=cache_dir, overwrite=overwrite, device=device, dtype=dtype, allow_pickle=allow_pickle,
-        attn_lambda=attn_lambda, adain=adain, pacing=pacing, distance=distance, lora_blend=lora_blend,
-        compile_unet=compile_unet, progress=not quiet,
-    )
-    cached = [k for k, hit in result.cache_hits.items() if hit]
-    typer.echo(f"Morphed {len(result.frames)} frames of {result.frames[0].width}x{result.frames[0].height}.")
-    for line in morph_report(result, steps):
-        typer.echo(line)
-    typer.echo("Time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())
-               + (f" (from cache: {', '.join(cached)})" if cached else ""))
-    if result.peak_memory:  # CUDA only
-        typer.echo("Peak GPU memory: " + ", ".join(f"{stage} {format_bytes(n)}" for stage, n in result.peak_memory.items()))
-    for kind, path in result.paths.items():
-        typer.echo(f"{kind}: {path}")
-
-
-def morph_report(result, steps: int) -> list[str]:
-    """The summary lines on DiffMorpher's refinements: attention memory, pacing distance, frames re-rendered."""
-    lines = []
-    if result.attention_steps:
-        kept = (f"kept {format_bytes(result.attention_bytes)} of end-frame self-attention inputs (fp16)"
-                if result.attention_bytes else "nothing kept (all frames in one batch)")
-        lines.append(f"Attention interpolation: first {result.attention_steps} of {steps} steps; {kept}.")
-    else:
-        lines.append("Attention interpolation: off.")
-    if result.distance is not None:
-        from morphkit.metrics import pdv
-        import torch
-
-        before, after = pdv(torch.tensor(result.first_distances)), pdv(torch.tensor(result.distances))
-        lines.append(f"Pacing: even by {result.distance} distance; re-rendered {len(result.rerendered)} of "
-                     f"{len(result.frames)} frames; PDV {before:.3g} (linear) -> {after:.3g}.")
-    else:
-        lines.append(f"Pacing: {result.pacing}.")
-    return lines
-
-
-def format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
 @app.command(name="eval")
 def eval_(
     frames: Path = typer.Argument(..., help=(
@@ -335,9 +206,11 @@ def eval_(
 # Command groups that live in their own modules.
 from cli import lora as _lora_cli  # noqa: E402
 
+from cli.morph import morph as _morph  # noqa: E402
 from cli.stylize import stylize as _stylize  # noqa: E402
 
 app.add_typer(_lora_cli.app, name="lora")
+app.command(name="morph")(_morph)
 app.command(name="stylize")(_stylize)
 from cli.ui import ui as _ui  # noqa: E402
 app.command(name="ui")(_ui)

@@ -7,7 +7,7 @@ from .images import load_image  # noqa: E402
 from .inversion import InversionResult, invert  # noqa: E402
 from .metrics import EvalResult, evaluate  # noqa: E402
 from .models import load_controlnet, load_pipeline  # noqa: E402
-from .morph import MorphResult, morph  # noqa: E402
+from .morph import MorphResult, MorphSettings, PreparedPair, export_morph, morph, prepare_pair, render_morph  # noqa: E402
 from .stylize import Stylized, StylizeResult, stylize  # noqa: E402
 from .train import TrainResult, TrainSettings, train_lora  # noqa: E402
 
@@ -22,6 +22,8 @@ __all__ = [
     "OutputExistsError",
     "InversionResult",
     "MorphResult",
+    "MorphSettings",
+    "PreparedPair",
     "Stylized",
     "StylizeResult",
     "TrainResult",
@@ -32,6 +34,9 @@ __all__ = [
     "invert",
     "load_pipeline",
     "morph",
+    "prepare_pair",
+    "render_morph",
+    "export_morph",
     "stylize",
     "train_lora",
 ]

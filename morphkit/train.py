@@ -31,7 +31,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from .progress import tqdm
 
 from . import __version__
 from .data import Example, data_hash, load_examples
@@ -41,6 +40,7 @@ from .io import atomic_write, make_staging_dir, write_json
 from .lora import DEFAULT_TARGETS, LoraShape, adapter_metadata, add_lora, check_targets, lora_state_dict, save_lora
 from .lora_files import tag_frequency, warn_kohya_dropped
 from .models import DEFAULT_MODEL, encode_image, encode_prompt, load_pipeline, resolve_device, resolve_dtype
+from .progress import tqdm
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CROPS = ("center", "random", "none")
@@ -94,29 +94,10 @@ class TrainSettings:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> dict:
         """Read a JSON or TOML config file into a dict of settings, checking every key."""
+        from .config import read_config
+
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"The config file {path} does not exist.")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix.lower() == ".toml":
-                try:
-                    import tomllib
-                except ModuleNotFoundError:  # Python 3.10
-                    import tomli as tomllib
-                values = tomllib.loads(text)
-            elif path.suffix.lower() == ".json":
-                values = json.loads(text)
-            else:
-                raise ConfigError(f"The config file {path} must end in .json or .toml.")
-        except (ValueError, TypeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-            raise ConfigError(f"The config file {path} could not be parsed: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"The config file {path} must hold a table of settings.")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(values) - known):
-            raise ConfigError(f"The config file {path} has unknown settings: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        values = read_config(path, {f.name for f in dataclasses.fields(cls)})
         if values.get("data") and not Path(values["data"]).is_absolute():  # relative to the config file
             values["data"] = str(path.parent / values["data"])
         return values

@@ -314,7 +314,7 @@ def test_end_frames_reproduce_the_inputs(pair, tiny_pipe):
     from morphkit.images import resize_to_policy, open_image, to_tensor
     from morphkit.inversion import image_psnr as psnr
     from morphkit.models import decode_latents, encode_image
-    from morphkit.morph import cover_resize
+    from morphkit.images import cover_resize
 
     result = morphkit.morph(*pair, prompt="a photo", formats=(), pipe=tiny_pipe, cache=False,
                             **{**FAST, "lora_steps": 150, "steps": 25})

@@ -1,0 +1,148 @@
+"""`morphkit morph`: a thin layer over `morphkit.morph`.
+
+Options are the fields of `MorphSettings` (with '-' for '_'). Each defaults to None here, meaning "not given",
+so that a `--config` file's value stands unless the flag is given; the real defaults live in `MorphSettings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import DTYPE_HELP, MODEL_HELP, call, fail
+
+PICKLE_HELP = ("Allow a pickled .ckpt/.pt/.bin --model (loaded with weights_only=True). Only for files you trust; "
+               "LoRA files must be .safetensors.")
+
+
+def morph(
+    image_a: Path = typer.Argument(..., help="The first image (sets the frame size)."),
+    image_b: Path = typer.Argument(..., help="The second image (scaled to cover A's frame, aspect kept, center-cropped)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file with any of these settings (keys as the option names, '_' or '-'); flags override it."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt for both images. [default: empty]"),
+    prompt_a: Optional[str] = typer.Option(None, "--prompt-a", help="Prompt for image A (overrides --prompt)."),
+    prompt_b: Optional[str] = typer.Option(None, "--prompt-b", help="Prompt for image B (overrides --prompt)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [default: stable-diffusion-v1-5/stable-diffusion-v1-5]"),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames from A to B, both ends included (at least 2). [default: 16]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps for inversion and rendering. [default: 50]"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance. 1 (DiffMorpher's default) keeps the ends faithful. [default: 1]"),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (only used when --guidance is not 1)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the LoRA fitting (the rest is deterministic). [default: 0]"),
+    lora_a: Optional[Path] = typer.Option(None, "--lora-a", help="Use this LoRA for image A instead of fitting one."),
+    lora_b: Optional[Path] = typer.Option(None, "--lora-b", help="Use this LoRA for image B instead of fitting one."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Rank of the fitted LoRAs. [default: 16]"),
+    lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="Training steps of each fitted LoRA. [default: 200]"),
+    lora_lr: Optional[float] = typer.Option(None, "--lora-lr", help="Learning rate of the fitted LoRAs. [default: 2e-4]"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Shorter side of the frames in pixels, a multiple of 8. [default: the model's]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Frames rendered per UNet call. [default: 8]"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Folder for morph.gif, morph.mp4 and frames/. [default: outputs/morph/A-B]"),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: gif, mp4, png (frame folder). [default: gif,mp4,png]"),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Frames per second of the GIF and MP4. [default: 10]"),
+    frame_duration: Optional[int] = typer.Option(None, "--frame-duration", help="Milliseconds per frame (instead of --fps)."),
+    loop: Optional[int] = typer.Option(None, "--loop", help="GIF loop count; 0 loops forever. [default: 0]"),
+    back_and_forth: Optional[bool] = typer.Option(None, "--back-and-forth/--one-way", help="Play A to B and back in the GIF and MP4. [default: one way]"),
+    cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Reuse fitted LoRAs and inversions from earlier runs (keyed by image content and settings). [default: on]"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the cache lives. [default: $MORPHKIT_CACHE/morph or ~/.cache/morphkit/morph]"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a morph already in the output folder."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help=PICKLE_HELP),
+    attn_lambda: Optional[float] = typer.Option(None, "--attn-lambda", help=(
+        "Self-attention interpolation: for this fraction of the sampling steps (from the start) the "
+        "in-between frames' self-attention in the UNet's up blocks takes its keys and values from the two end "
+        "frames, interpolated by the frame's α (DiffMorpher's lambda). Smooths the structure of the "
+        "in-between frames. 0 turns it off; 1 uses it at every step. [default: 0.6]"
+    )),
+    adain: Optional[bool] = typer.Option(None, "--adain/--no-adain", help=(
+        "AdaIN: give each in-between frame's starting noise the per-channel mean and std interpolated from "
+        "the two inverted noises, so that colour and brightness go smoothly from A to B instead of fading in "
+        "the middle. [default: on]"
+    )),
+    pacing: Optional[str] = typer.Option(None, "--pacing", help=(
+        "even (default): after a first pass, move each frame's α so that consecutive frames are equally far "
+        "apart (no rush through the middle) and render again only the frames whose α moved: up to frames-2 "
+        "extra frame renders. linear: α evenly spaced, one pass, faster, but the morph can jump where the "
+        "images change fastest."
+    )),
+    distance: Optional[str] = typer.Option(None, "--distance", help=(
+        "How --pacing even measures the distance between frames: lpips (perceptual; needs the lpips package "
+        "and its AlexNet weights already on this machine), l2 (RMS pixel difference, no weights), or auto "
+        "(lpips when it can run, else l2). The summary names the one used. [default: auto]"
+    )),
+    lora_blend: Optional[str] = typer.Option(None, "--lora-blend", help=(
+        "How a frame blends the two LoRAs at its α. adapters (default): the weighted sum of the two LoRA "
+        "updates, (1-α)ΔW_A + αΔW_B. factors: DiffMorpher's way, the A and B factors interpolated separately, "
+        "((1-α)B_A + αB_B)((1-α)A_A + αA_B); needs LoRAs of the same rank."
+    )),
+    compile_unet: Optional[bool] = typer.Option(None, "--compile", help=(
+        "Render through torch.compile. The first run waits for the compiler (a minute or more on a cold cache; "
+        "torch keeps compiled graphs on disk for later runs), then rendering is faster. Worth it for long renders "
+        "and repeated runs; measured figures in benchmarks/README.md."
+    )),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+):
+    """Morph image A into image B: a LoRA per image, DDIM inversion, slerp and blended adapters.
+
+    With DiffMorpher's refinements: self-attention interpolation, AdaIN and even pacing (see the options).
+    Writes morph.gif, morph.mp4 and frames/frame_NNN.png into the output folder.
+    """
+    import morphkit
+
+    if formats is not None and not [f for f in formats.split(",") if f.strip()]:
+        fail("--formats is empty: name at least one of gif, mp4, png.", 2)
+    options = dict(
+        prompt=prompt, prompt_a=prompt_a, prompt_b=prompt_b, model=model, frames=frames, steps=steps,
+        guidance=guidance, negative_prompt=negative_prompt, seed=seed, lora_a=lora_a, lora_b=lora_b,
+        lora_rank=lora_rank, lora_steps=lora_steps, lora_lr=lora_lr, resolution=resolution, batch_size=batch_size,
+        output_dir=output_dir, formats=formats, fps=fps, frame_duration_ms=frame_duration, loop=loop,
+        back_and_forth=back_and_forth, cache=cache, cache_dir=cache_dir, overwrite=overwrite, device=device,
+        dtype=dtype, allow_pickle=allow_pickle, attn_lambda=attn_lambda, adain=adain, pacing=pacing,
+        distance=distance, lora_blend=lora_blend, compile_unet=compile_unet,
+    )
+    settings = call(morphkit.MorphSettings.resolve, config, **options)
+    result = call(morphkit.morph, image_a, image_b, settings, progress=not quiet)
+    print_summary(result, settings.steps)
+
+
+def print_summary(result, steps: int) -> None:
+    cached = [k for k, hit in result.cache_hits.items() if hit]
+    typer.echo(f"Morphed {len(result.frames)} frames of {result.frames[0].width}x{result.frames[0].height}.")
+    for line in morph_report(result, steps):
+        typer.echo(line)
+    typer.echo("Time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())
+               + (f" (from cache: {', '.join(cached)})" if cached else ""))
+    if result.peak_memory:  # CUDA only
+        typer.echo("Peak GPU memory: " + ", ".join(f"{stage} {format_bytes(n)}" for stage, n in result.peak_memory.items()))
+    for kind, path in result.paths.items():
+        typer.echo(f"{kind}: {path}")
+
+
+def morph_report(result, steps: int) -> list[str]:
+    """The summary lines on DiffMorpher's refinements: attention memory, pacing distance, frames re-rendered."""
+    lines = []
+    if result.attention_steps:
+        kept = (f"kept {format_bytes(result.attention_bytes)} of end-frame self-attention inputs (fp16)"
+                if result.attention_bytes else "nothing kept (all frames in one batch)")
+        lines.append(f"Attention interpolation: first {result.attention_steps} of {steps} steps; {kept}.")
+    else:
+        lines.append("Attention interpolation: off.")
+    if result.distance is not None:
+        from morphkit.metrics import pdv
+        import torch
+
+        before, after = pdv(torch.tensor(result.first_distances)), pdv(torch.tensor(result.distances))
+        lines.append(f"Pacing: even by {result.distance} distance; re-rendered {len(result.rerendered)} of "
+                     f"{len(result.frames)} frames; PDV {before:.3g} (linear) -> {after:.3g}.")
+    else:
+        lines.append(f"Pacing: {result.pacing}.")
+    return lines
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"

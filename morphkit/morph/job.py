@@ -1,0 +1,232 @@
+"""The morph as stages: prepare a pair, render it, pace it, export it; and `morph`, their composition.
+
+    prepare_pair(A, B, settings) ─► PreparedPair          (fit + invert: slow, cached, done once)
+    render_morph(prepared, settings) ─► Rendered          (a first pass at evenly spaced α, then `pace`)
+    pace(prepared, rendered, settings) ─► Rendered        (even pacing: α moved, only moved frames re-rendered)
+    export_morph(frames, settings, folder) ─► paths       (GIF, MP4, PNG frames; each written atomically)
+
+A caller that changes only render settings (λ, AdaIN, blend, frames, pacing) calls `render_morph` again on the
+same `PreparedPair`; nothing is fitted or inverted again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..errors import OutputExistsError
+from ..export import boomerang, save_frames, save_gif, save_mp4
+from ..images import to_pil
+from ..lora_blend import factor_layers
+from ..models import compiled, decode_latents
+from ..progress import tqdm
+from ..stages import Stages
+from .attention import AttentionStore, attention_steps
+from .interpolation import alpha_schedule, even_alphas, moved_frames
+from .pair import PreparedPair, check_pair, prepare_pair
+from .sampling import ADAPTERS, render_frames
+from .settings import MorphSettings
+
+
+@dataclass
+class Rendered:
+    """The frames of one render of a prepared pair, with what pacing measured and did."""
+
+    frames: list[Image.Image]
+    alphas: list[float]  # the α of each frame returned
+    first_alphas: list[float]  # the α of the first pass (evenly spaced)
+    first_distances: list[float] = field(default_factory=list)  # neighbour distances of the first pass (even pacing)
+    distances: list[float] = field(default_factory=list)  # neighbour distances of the frames returned (even pacing)
+    rerendered: list[int] = field(default_factory=list)  # frames rendered again at a new α (even pacing)
+    distance: str | None = None  # the distance even pacing measured with (lpips, l2, ...)
+    attention_steps: int = 0  # of the sampling steps, how many used interpolated self-attention
+    attention_bytes: int = 0  # the most memory the kept end-frame self-attention inputs took
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class MorphResult:
+    frames: list[Image.Image]
+    alphas: list[float]
+    output_dir: Path | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    cache_hits: dict[str, bool] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)  # per stage, bytes of GPU memory (CUDA only)
+    attention_steps: int = 0  # of the sampling steps, how many used interpolated self-attention
+    attention_bytes: int = 0  # the most memory the kept end-frame self-attention inputs took
+    pacing: str = "linear"
+    distance: str | None = None  # the distance even pacing measured with (lpips, l2, ...)
+    rerendered: list[int] = field(default_factory=list)  # frames rendered again at a new α (even pacing)
+    first_distances: list[float] = field(default_factory=list)  # neighbour distances of the first pass (even pacing)
+    distances: list[float] = field(default_factory=list)  # neighbour distances of the frames returned (even pacing)
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def render_alphas(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
+                  attention: AttentionStore | None = None, bar=None) -> list[Image.Image]:
+    """The frames at `alphas` (one pass, no pacing), decoded to images."""
+    p = prepared
+    latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, p.schedule,
+                            p.settings.guidance, p.negative, settings.batch_size, progress=bar, adain=settings.adain,
+                            blend=settings.lora_blend, attention=attention)
+    return to_pil(decode_latents(p.pipe, latents))
+
+
+def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, *, progress: bool = True) -> Rendered:
+    """All frames of the morph: a first pass at evenly spaced α, then (even pacing) `pace`.
+
+    `settings` may differ from the prepared ones in render settings only (`prepared.matches(settings)`).
+    """
+    from ..metrics import get_distance
+
+    settings = (settings or prepared.settings).validate()
+    if not prepared.matches(settings):
+        raise ValueError("These settings change how the pair is prepared (model, prompts, LoRAs, steps, guidance, "
+                         "seed or size): call prepare_pair again.")
+    unet = prepared.pipe.unet
+    if settings.lora_blend == "factors":
+        factor_layers(unet, ADAPTERS)  # two LoRAs of different ranks cannot blend by factors: say so now
+    distance = get_distance(settings.distance, unet.device) if settings.paced else None
+    steps = attention_steps(settings.attn_lambda, settings.steps)
+    attention = AttentionStore(steps, keep=settings.paced) if settings.frames > 2 and steps else None
+    stages = Stages(unet.device)
+    stages.begin()
+    alphas = alpha_schedule(settings.frames)
+    bar = tqdm(total=settings.frames, desc="rendering frames", unit="frame", disable=not progress)
+    with compiled(unet, enabled=settings.compile_unet):
+        try:
+            frames = render_alphas(prepared, alphas, settings, attention, bar)
+            rendered = Rendered(frames, alphas.tolist(), alphas.tolist())
+            if distance is not None:
+                rendered = pace(prepared, rendered, settings, distance, attention, bar)
+        finally:
+            bar.close()
+            if attention is not None:
+                attention.clear()
+    stages.end("render")
+    rendered.attention_steps = attention.steps if attention is not None else 0
+    rendered.attention_bytes = attention.peak_bytes if attention is not None else 0
+    rendered.timings, rendered.peak_memory = stages.seconds, stages.peak_bytes
+    return rendered
+
+
+def pace(prepared: PreparedPair, rendered: Rendered, settings: MorphSettings, distance,
+         attention: AttentionStore | None = None, bar=None) -> Rendered:
+    """Even pacing: move each frame's α so that consecutive frames are equally far apart by `distance`
+    (a (name, function, note) from `morphkit.metrics.get_distance`), and render again only the frames whose α
+    moved by more than `settings.pacing_tolerance` of the frame spacing. The ends never move."""
+    from ..metrics import images_to_tensor, neighbour_distances
+
+    name, distance_fn, _ = distance
+    alphas = torch.tensor(rendered.alphas, dtype=torch.float64)
+    frames = list(rendered.frames)
+    first = neighbour_distances(images_to_tensor(frames), distance_fn)
+    target = even_alphas(alphas, first)
+    moved = moved_frames(alphas, target, settings.pacing_tolerance)
+    rerendered = moved.nonzero().flatten().tolist()
+    distances = first
+    if rerendered:
+        if bar is not None:
+            bar.total += len(rerendered)
+            bar.refresh()
+        for i, picture in zip(rerendered, render_alphas(prepared, target[moved], settings, attention, bar)):
+            frames[i] = picture
+        alphas = torch.where(moved, target, alphas)
+        distances = neighbour_distances(images_to_tensor(frames), distance_fn)
+    return Rendered(frames, alphas.tolist(), rendered.first_alphas, [float(d) for d in first],
+                    [float(d) for d in distances], rerendered, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def output_folder(image_a, image_b, settings: MorphSettings) -> Path | None:
+    """Where the morph's files go, checked before any work: None when no format is asked for."""
+    if not settings.formats:
+        return None
+    if settings.output_dir is None and not all(isinstance(i, (str, Path)) for i in (image_a, image_b)):
+        raise OutputExistsError("Images given as pictures, not files, have no names to make a folder from: "
+                                "give an --output-dir.")
+    out = Path(settings.output_dir or Path("outputs") / "morph" / f"{Path(image_a).stem}-{Path(image_b).stem}")
+    check_output_folder(out, settings)
+    return out
+
+
+def check_output_folder(out: Path, settings: MorphSettings) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"The output folder {out} is a file. Choose another --output-dir.")
+    targets = morph_files(out)
+    if (taken := [str(targets[f]) for f in settings.formats if targets[f].exists()]) and not settings.overwrite:
+        raise OutputExistsError(f"{out} already holds a morph ({', '.join(taken)}). Pass --overwrite to replace "
+                                "it, or choose another --output-dir.")
+
+
+def morph_files(out: Path) -> dict[str, Path]:
+    return {"gif": out / "morph.gif", "mp4": out / "morph.mp4", "png": out / "frames"}
+
+
+def export_morph(frames: list[Image.Image], settings: MorphSettings, output_dir: str | Path,
+                 overwrite: bool | None = None) -> dict[str, Path]:
+    """Write the frames as each of `settings.formats` into `output_dir`; returns {format: path}."""
+    out = Path(output_dir)
+    overwrite = settings.overwrite if overwrite is None else overwrite
+    targets, paths = morph_files(out), {}
+    sequence = boomerang(frames) if settings.back_and_forth else frames
+    duration = settings.frame_duration
+    if "gif" in settings.formats:
+        paths["gif"] = save_gif(sequence, targets["gif"], duration, settings.loop, overwrite=overwrite)
+    if "mp4" in settings.formats:
+        paths["mp4"] = save_mp4(sequence, targets["mp4"], 1000 / duration, overwrite=overwrite)
+    if "png" in settings.formats:
+        paths["png"] = save_frames(frames, targets["png"], overwrite=overwrite)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole job
+
+
+def morph(image_a, image_b, settings: MorphSettings | None = None, *, config=None, pipe=None,
+          progress: bool = True, **options) -> MorphResult:
+    """Morph image A into image B and write a GIF, an MP4 and PNG frames (any of them, or none).
+
+    Settings come from `settings` (a `MorphSettings`), then a `config` file (JSON or TOML), then keyword
+    `options` named as the fields of `MorphSettings` (`frames=24, attn_lambda=0.6, ...`). Images are paths or
+    PIL images; see `prepare_pair` for how they are sized. The stages, each callable alone: `prepare_pair`,
+    `render_morph` (with `pace`), `export_morph`.
+    """
+    from ..metrics import get_distance
+    from ..models import resolve_device
+
+    # 1. settings, inputs and outputs: everything that can be checked before the model loads
+    settings = MorphSettings.resolve(config, base=settings, **options)
+    originals = check_pair(image_a, image_b, settings)
+    if settings.paced:  # a distance asked for by name that cannot run here fails now, not after the fit
+        get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
+    out = output_folder(image_a, image_b, settings)
+
+    # 2. the pair: LoRAs and inversions (from the cache where it has them)
+    prepared = prepare_pair(image_a, image_b, settings, pipe=pipe, progress=progress, originals=originals)
+
+    # 3. the frames, evenly paced
+    rendered = render_morph(prepared, settings, progress=progress)
+
+    # 4. the files
+    stages = Stages(prepared.pipe.unet.device)
+    stages.begin()
+    paths = export_morph(rendered.frames, settings, out) if out is not None else {}
+    stages.end("export")
+    return MorphResult(rendered.frames, rendered.alphas, out, paths,
+                       {**prepared.timings, **rendered.timings, **stages.seconds}, prepared.hits,
+                       {**prepared.peak_memory, **rendered.peak_memory, **stages.peak_bytes},
+                       rendered.attention_steps, rendered.attention_bytes, settings.pacing, rendered.distance,
+                       rendered.rerendered, rendered.first_distances, rendered.distances)

@@ -1,0 +1,88 @@
+"""Rendering frames and inverting images under per-sample LoRA weights: the UNet-facing part of a morph."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..inversion import eps_model, invert_ddim, sample_ddim
+from ..lora import adapter_weights, one_hot_weights
+from ..lora_blend import lora_blend as blend_loras
+from .attention import AttentionStore, _AttentionRun, interpolated_self_attention
+from .interpolation import lerp, start_latents
+
+ADAPTERS = ("img0", "img1")  # not "a"/"b": diffusers matches adapter names as substrings of module keys
+
+
+def ends_first(alphas: torch.Tensor) -> torch.Tensor:
+    """Frame indices in rendering order: the end frames (α = 0 or 1) first, then the others, each in order."""
+    is_end = (alphas == 0) | (alphas == 1)
+    return torch.cat([is_end.nonzero().flatten(), (~is_end).nonzero().flatten()])
+
+
+@torch.no_grad()
+def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tensor, schedule, guidance: float = 1.0,
+                  negative: torch.Tensor | None = None, batch_size: int = 8, adapters=ADAPTERS,
+                  progress=None, *, adain: bool = False, blend: str = "adapters",
+                  attention: AttentionStore | None = None) -> torch.Tensor:
+    """Latents of the frames at `alphas`, `batch_size` frames per UNet call.
+
+    Each frame has its own starting noise (slerp, and AdaIN with `adain`), prompt embedding (lerp) and
+    LoRA blend at its α (`blend`: "adapters" or "factors", see `morphkit.lora_blend`), all given per
+    sample inside one batch. The end frames (α = 0 or 1) render first. With `attention` (an
+    `AttentionStore`), the in-between frames' self-attention in the up blocks interpolates the ends' for
+    the store's first steps; frames whose ends are not among `alphas` read the ends from the store.
+    Returns clean latents (F, 4, h, w) in the order of `alphas`.
+    """
+    unet, device = pipe.unet, pipe.unet.device
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    chunks = ends_first(alphas).split(batch_size)
+    groups = 1 if guidance == 1.0 else 2  # the guided batch is [negative, positive]
+    run = None if attention is None else _AttentionRun(attention, record=attention.keep or len(chunks) > 1)
+    step_of = {int(t): i for i, t in enumerate(schedule.timesteps)}
+    out = None
+    with interpolated_self_attention(unet, run) if run is not None else contextlib.nullcontext():
+        for idx in chunks:
+            chunk = alphas[idx]
+            x = start_latents(noise_a, noise_b, chunk, adain).to(device, torch.float32)
+            embeds = lerp(embeds_a[0], embeds_b[0], chunk).to(device)
+            weights = chunk.float().to(device).repeat(groups)
+            neg = None if negative is None else negative.expand(len(chunk), -1, -1).to(device)
+            if run is not None:
+                run.set_batch(chunk, groups, device)
+            with blend_loras(unet, adapters, weights, blend):
+                model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
+                                  pipe.scheduler.alphas_cumprod)
+                if run is not None:
+                    model = _tracking_steps(model, run, step_of)
+                latents = sample_ddim(model, x, schedule)
+            if out is None:
+                out = latents.new_empty((len(alphas), *latents.shape[1:]))
+            out[idx.to(latents.device)] = latents
+            if progress is not None:
+                progress.update(len(chunk))
+    if attention is not None and not attention.keep:
+        attention.clear()
+    return out
+
+
+def _tracking_steps(model, run: _AttentionRun, step_of: dict):
+    def tracked(x, t):
+        run.step = step_of[int(t)]
+        return model(x, t)
+
+    return tracked
+
+
+@torch.no_grad()
+def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor, adapters: list[str], schedule,
+                       progress: bool = False, desc: str = "inverting") -> torch.Tensor:
+    """DDIM-invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone and its
+    own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls."""
+    unet = pipe.unet
+    with adapter_weights(unet, one_hot_weights(adapters, unet.device)):
+        model = eps_model(unet, embeds, prediction_type=pipe.scheduler.config.prediction_type,
+                          alphas_cumprod=pipe.scheduler.alphas_cumprod)
+        return invert_ddim(model, latents, schedule, disable=not progress, desc=desc)
+

@@ -1,0 +1,233 @@
+"""`MorphSettings`: every setting of a morph, in one dataclass, validated once.
+
+The fields fall into three groups, marked on each field, that decide what a change costs:
+
+- **prepare**: what the prepared pair depends on (model, prompts, LoRAs, steps, guidance, seed, size, cache):
+  a change means fitting or inverting again (the cache may still hold the result);
+- **render**: how frames are drawn from a prepared pair (frames, λ, AdaIN, blend, pacing): a change means
+  rendering again, nothing more;
+- **export**: which files are written, and how.
+
+`MorphSettings.resolve(config, **overrides)` reads a JSON or TOML file with the same keys (the CLI's option
+names with `_`) and applies overrides on top, as `TrainSettings` does. Messages name the CLI options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..export import FORMATS
+from ..images import check_resolution
+from ..inversion import check_steps
+from ..lora_blend import check_blend_mode
+from ..models import DEFAULT_MODEL
+
+PACINGS = ("even", "linear")
+MAX_FRAMES = 2000  # a morph holds every frame in memory; 2000 frames of 512 px are about 1.5 GB
+MAX_SEED = 2**63
+
+
+def _group(name: str, default=dataclasses.MISSING, **kwargs):
+    if default is dataclasses.MISSING:
+        return field(metadata={"group": name}, **kwargs)
+    return field(default=default, metadata={"group": name}, **kwargs)
+
+
+def prepare(default=dataclasses.MISSING, **kwargs):
+    return _group("prepare", default, **kwargs)
+
+
+def render(default=dataclasses.MISSING, **kwargs):
+    return _group("render", default, **kwargs)
+
+
+def export(default=dataclasses.MISSING, **kwargs):
+    return _group("export", default, **kwargs)
+
+
+@dataclass
+class MorphSettings:
+    """Every setting of a morph; a JSON or TOML `--config` file holds the same keys."""
+
+    # the pair: model, prompts, LoRAs (prepare)
+    model: str = prepare(DEFAULT_MODEL)
+    prompt: str = prepare("")
+    prompt_a: str | None = prepare(None)
+    prompt_b: str | None = prepare(None)
+    negative_prompt: str = prepare("")
+    guidance: float = prepare(1.0)
+    steps: int = prepare(50)
+    seed: int = prepare(0)
+    resolution: int | None = prepare(None)
+    lora_a: str | None = prepare(None)
+    lora_b: str | None = prepare(None)
+    lora_rank: int = prepare(16)
+    lora_steps: int = prepare(200)
+    lora_lr: float = prepare(2e-4)
+    fit_together: bool = prepare(True)
+    cache: bool = prepare(True)
+    cache_dir: str | None = prepare(None)
+    device: str | None = prepare(None)
+    dtype: str | None = prepare(None)
+    allow_pickle: bool = prepare(False)
+    # the frames (render)
+    frames: int = render(16)
+    batch_size: int = render(8)
+    attn_lambda: float = render(0.6)
+    adain: bool = render(True)
+    lora_blend: str = render("adapters")
+    pacing: str = render("even")
+    distance: str = render("auto")
+    pacing_tolerance: float = render(0.05)
+    compile_unet: bool = render(False)
+    # the files (export)
+    output_dir: str | None = export(None)
+    formats: tuple[str, ...] = export(FORMATS)
+    fps: float = export(10.0)
+    frame_duration_ms: int | None = export(None)
+    loop: int = export(0)
+    back_and_forth: bool = export(False)
+    overwrite: bool = export(False)
+
+    # -----------------------------------------------------------------------------------------
+    # building
+
+    @classmethod
+    def field_names(cls, group: str | None = None) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if group is None or f.metadata.get("group") == group]
+
+    @classmethod
+    def resolve(cls, config: str | os.PathLike | None = None, base: "MorphSettings | None" = None,
+                **overrides) -> "MorphSettings":
+        """`base` (or the defaults), then the `config` file, then every override that is not None; validated."""
+        from ..config import read_config
+
+        values = dataclasses.asdict(base) if base is not None else {}
+        if config is not None:
+            values.update(read_config(config, set(cls.field_names())))
+        known = set(cls.field_names())
+        if unknown := sorted(set(overrides) - known):
+            raise ConfigError(f"Unknown morph settings: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("formats"), str):
+            values["formats"] = [f.strip() for f in values["formats"].split(",") if f.strip()]
+        for name in ("output_dir", "cache_dir", "lora_a", "lora_b"):  # paths may come as Path objects
+            if isinstance(values.get(name), os.PathLike):
+                values[name] = os.fspath(values[name])
+        if values.get("formats") is not None:
+            values["formats"] = tuple(values["formats"])
+        return cls(**values).validate()
+
+    def replace(self, **changes) -> "MorphSettings":
+        """A copy with `changes`, validated."""
+        return dataclasses.replace(self, **changes).validate()
+
+    def group(self, name: str) -> dict:
+        """The values of one group ("prepare", "render" or "export"), as a dict."""
+        return {k: getattr(self, k) for k in self.field_names(name)}
+
+    @property
+    def prompts(self) -> tuple[str, str]:
+        return (self.prompt if self.prompt_a is None else self.prompt_a,
+                self.prompt if self.prompt_b is None else self.prompt_b)
+
+    @property
+    def frame_duration(self) -> int:
+        """Milliseconds per frame of the GIF and MP4."""
+        return round(1000 / self.fps) if self.frame_duration_ms is None else self.frame_duration_ms
+
+    @property
+    def paced(self) -> bool:
+        return self.pacing == "even" and self.frames > 2
+
+    # -----------------------------------------------------------------------------------------
+    # checking
+
+    def validate(self) -> "MorphSettings":
+        """Check every value; raise `ConfigError` naming the CLI option. Returns self."""
+        self._check_prepare()
+        self._check_render()
+        self._check_export()
+        return self
+
+    def _check_prepare(self):
+        for name in ("model", "prompt", "negative_prompt"):
+            _need(isinstance(getattr(self, name), str), f"--{_opt(name)} must be text; got {getattr(self, name)!r}.")
+        for name in ("prompt_a", "prompt_b", "lora_a", "lora_b", "cache_dir", "device", "dtype"):
+            value = getattr(self, name)
+            _need(value is None or isinstance(value, str), f"--{_opt(name)} must be text; got {value!r}.")
+        check_steps(self.steps)
+        _number(self.guidance, "guidance", low=0, low_open=True, high=100)
+        _integer(self.seed, "seed", 0, MAX_SEED - 1)
+        if self.resolution is not None:
+            check_resolution(self.resolution)
+        _integer(self.lora_rank, "lora-rank", 1, 1024)
+        _integer(self.lora_steps, "lora-steps", 1, 100_000)
+        _number(self.lora_lr, "lora-lr", low=0, low_open=True, high=1.0)
+        for name in ("fit_together", "cache", "allow_pickle"):
+            _need(isinstance(getattr(self, name), bool), f"{name} must be true or false; got {getattr(self, name)!r}.")
+        if self.cache and self.cache_dir is not None and Path(self.cache_dir).exists():
+            _need(Path(self.cache_dir).is_dir(), f"The cache folder {self.cache_dir} (--cache-dir) is a file.")
+
+    def _check_render(self):
+        from ..metrics import check_distance
+        from .attention import check_attn_lambda
+
+        _need(not isinstance(self.frames, int) or isinstance(self.frames, bool) or self.frames >= 2,
+              f"A morph needs at least 2 frames (--frames); got {self.frames}.")
+        _integer(self.frames, "frames", 2, MAX_FRAMES)
+        _integer(self.batch_size, "batch-size", 1, 4096)
+        check_attn_lambda(self.attn_lambda)
+        _need(isinstance(self.adain, bool), f"adain must be true or false; got {self.adain!r}.")
+        check_blend_mode(self.lora_blend)
+        check_pacing(self.pacing)
+        check_distance(self.distance)
+        _number(self.pacing_tolerance, "pacing-tolerance", low=0, high=1.0)
+        _need(isinstance(self.compile_unet, bool), f"compile_unet must be true or false; got {self.compile_unet!r}.")
+
+    def _check_export(self):
+        _need(self.output_dir is None or isinstance(self.output_dir, str),
+              f"--output-dir must be a folder path; got {self.output_dir!r}.")
+        if bad := [f for f in self.formats if f not in FORMATS]:
+            raise ConfigError(f"Unknown output format {', '.join(map(str, bad))} in --formats; choose from "
+                              f"{', '.join(FORMATS)}.")
+        _number(self.fps, "fps", low=0, low_open=True, high=100,
+                hint="GIF frames last at least 10 ms, so at most 100 frames per second")
+        if self.frame_duration_ms is not None:
+            _integer(self.frame_duration_ms, "frame-duration", 10, 60_000)
+        _integer(self.loop, "loop", 0, 65535)
+        for name in ("back_and_forth", "overwrite"):
+            _need(isinstance(getattr(self, name), bool), f"{name} must be true or false; got {getattr(self, name)!r}.")
+
+
+def check_pacing(pacing: str) -> str:
+    if pacing not in PACINGS:
+        raise ConfigError(f"Unknown pacing {pacing!r} (--pacing); choose even (consecutive frames equally far apart) "
+                          "or linear (α evenly spaced).")
+    return pacing
+
+
+def _opt(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _need(condition, message: str):
+    if not condition:
+        raise ConfigError(message)
+
+
+def _integer(value, option: str, low: int, high: int):
+    _need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+          f"--{option} must be a whole number from {low} to {high}; got {value!r}.")
+
+
+def _number(value, option: str, low: float, high: float, low_open: bool = False, hint: str = ""):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    bound = f"above {low}" if low_open else f"from {low}"
+    _need(ok, f"--{option} must be a finite number {bound} to {high}; got {value!r}" + (f" ({hint})." if hint else "."))
