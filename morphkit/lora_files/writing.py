@@ -139,8 +139,11 @@ def lora_from_peft(state_dict: dict[str, torch.Tensor], peft_config: dict) -> Lo
 # ---------------------------------------------------------------------------------------------- headers
 
 def _is_local_path(value: str) -> bool:
-    return value.startswith(("/", "~", "\\\\")) or bool(re.match(r"[A-Za-z]:[\\/]", value)) or \
-        (os.sep in value or "/" in value) and os.path.exists(value)
+    """An absolute path (POSIX, `~`, Windows or UNC) without spaces, or any path that exists here."""
+    absolute = value.startswith(("/", "~", "\\\\")) or bool(re.match(r"[A-Za-z]:[\\/]", value))
+    if ("/" not in value and "\\" not in value) or len(value) > 4096:
+        return False
+    return (absolute and not any(c.isspace() for c in value)) or os.path.exists(os.path.expanduser(value))
 
 
 def _basename(value: str) -> str:
