@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 from .errors import LoRAError
 from .io import atomic_write, check_can_write
 from .lora_files import (
-    DIFFUSERS_FORMAT_WARNING,
     DIFFUSERS_METADATA_KEY,
     LoraCompatibilityWarning,
     LoraFile,
@@ -144,8 +143,7 @@ def save_lora(
               **info_header(info)}
     if not all(torch.isfinite(t).all() for t in state_dict.values()):
         raise LoRAError(f"The LoRA for {shown(path)} holds NaN or infinite values (the fit diverged); it was not written.")
-    warnings.warn(DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, stacklevel=2)
-    with atomic_write(path) as tmp:
+    with atomic_write(path) as tmp:  # no format warning: morph caches its fits this way (train warns its users)
         save_file(state_dict, str(tmp), metadata=clean_header(header))
     return path
 

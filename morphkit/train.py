@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ from .errors import ConfigError, InputError, OutputExistsError
 from .images import MAX_RESOLUTION, center_crop, fit_size, resize_to_policy
 from .io import atomic_write, make_staging_dir, write_json
 from .lora import DEFAULT_TARGETS, LoraShape, adapter_metadata, add_lora, check_targets, lora_state_dict, save_lora
-from .lora_files import tag_frequency, warn_kohya_dropped
+from .lora_files import DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, tag_frequency, warn_kohya_dropped
 from .models import DEFAULT_MODEL, encode_image, encode_prompt, load_pipeline, resolve_device, resolve_dtype
 from .progress import tqdm
 
@@ -615,6 +616,8 @@ def train_lora(
     out = Path(s.output_dir or Path("outputs") / "lora" / name)
     if lora_format not in ("kohya", "diffusers", "both"):
         raise ConfigError(f"Unknown LoRA format {lora_format!r}; choose kohya, diffusers or both.")
+    if lora_format == "diffusers":
+        warnings.warn(DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, stacklevel=2)
     lora_path = out / f"{name}.safetensors"
     files = {lora_path: "diffusers" if lora_format == "diffusers" else "kohya"}
     if lora_format == "both":
