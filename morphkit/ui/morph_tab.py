@@ -72,6 +72,34 @@ def metrics_markdown(result: Render) -> str:
     return "| measure | value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
+def result_outputs() -> dict:
+    """The components that show a render: GIF and MP4 players, the frames, the measures, the pacing, downloads."""
+    gr = require_gradio()
+    c = {}
+    with gr.Row():
+        c["gif"] = gr.Image(label="GIF", type="filepath", format="gif", interactive=False, height=300,
+                            elem_id="morph-gif")
+        c["mp4"] = gr.Video(label="MP4", interactive=False, height=300, elem_id="morph-mp4", loop=True, autoplay=True)
+    c["frames"] = gr.Gallery(label="Frames", columns=8, height=180, format="png", elem_id="morph-frames")
+    with gr.Row():
+        c["metrics"] = gr.Markdown(elem_id="morph-metrics")
+        c["plot"] = gr.Image(label="Pacing", type="pil", interactive=False, elem_id="morph-plot")
+    c["files"] = gr.File(label="Downloads: GIF, MP4, frames (zip)", file_count="multiple", interactive=False,
+                         elem_id="morph-files")
+    return c
+
+
+def result_values(result: Render) -> dict:
+    """What each of `result_outputs` shows for `result`."""
+    r, files = result.rendered, result.files
+    return {"gif": str(files["gif"]) if "gif" in files else None,
+            "mp4": str(files["mp4"]) if "mp4" in files else None,
+            "frames": [(frame, f"{i}: α {a:.3f}") for i, (frame, a) in enumerate(zip(r.frames, r.alphas))],
+            "metrics": metrics_markdown(result),
+            "plot": pacing_plot(r.first_alphas or r.alphas, r.alphas, r.first_distances, r.distances),
+            "files": [str(path) for path in files.values()]}
+
+
 def why_prepare(workspace: Workspace, prepared: Prepared | None, uploads: tuple, settings) -> str | None:
     """Why the session's prepared pair cannot be rendered with `settings`, or None when it can."""
     if prepared is None:
@@ -101,15 +129,7 @@ def morph_tab(workspace: Workspace) -> None:
         render_btn = gr.Button("Render", variant="primary", elem_id="render")
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="morph-cancel")
     status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="morph-status")
-    with gr.Row():
-        gif = gr.Image(label="GIF", type="filepath", format="gif", interactive=False, height=300, elem_id="morph-gif")
-        mp4 = gr.Video(label="MP4", interactive=False, height=300, elem_id="morph-mp4", loop=True, autoplay=True)
-    gallery = gr.Gallery(label="Frames", columns=8, height=180, format="png", elem_id="morph-frames")
-    with gr.Row():
-        metrics = gr.Markdown(elem_id="morph-metrics")
-        plot = gr.Image(label="Pacing", type="pil", interactive=False, elem_id="morph-plot")
-    files = gr.File(label="Downloads: GIF, MP4, frames (zip)", file_count="multiple", interactive=False,
-                    elem_id="morph-files")
+    shown = result_outputs()
     state = gr.State(None, time_to_live=3600)
 
     def settings_of(values):
@@ -133,14 +153,8 @@ def morph_tab(workspace: Workspace) -> None:
             result = workspace.run(session_of(request), workspace.render, prepared, settings, reason is not None)
         except Exception as e:  # noqa: BLE001
             return {status: page_message(e, uploads)}
-        r = result.rendered
-        return {status: render_message(result, prepared, reason, settings), state: prepared,
-                gif: str(result.files.get("gif")) if "gif" in result.files else None,
-                mp4: str(result.files["mp4"]) if "mp4" in result.files else None,
-                gallery: [(f, f"{i}: α {a:.3f}") for i, (f, a) in enumerate(zip(r.frames, r.alphas))],
-                metrics: metrics_markdown(result),
-                plot: pacing_plot(r.first_alphas or r.alphas, r.alphas, r.first_distances, r.distances),
-                files: [str(p) for p in result.files.values()]}
+        values = {shown[name]: value for name, value in result_values(result).items()}
+        return {status: render_message(result, prepared, reason, settings), state: prepared, **values}
 
     def cancel(request: gr.Request):  # a job that stopped says so itself (in its own output)
         return CANCEL_MESSAGES.get(workspace.cancel(session_of(request)), gr.skip())
@@ -153,7 +167,7 @@ def morph_tab(workspace: Workspace) -> None:
         return f"{path.rsplit('/', 1)[-1]}: {image.width}x{image.height}, ready."
 
     inputs = {image_a, image_b, state, *fields.values()}
-    outputs = [status, state, gif, mp4, gallery, metrics, plot, files]
+    outputs = [status, state, *shown.values()]
     prepare_btn.click(prepare, inputs, [status, state], concurrency_id=MODEL_JOBS)
     render_btn.click(render, inputs, outputs, concurrency_id=MODEL_JOBS)
     cancel_btn.click(cancel, None, status, queue=False)

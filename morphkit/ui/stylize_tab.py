@@ -5,6 +5,7 @@ with a live edge-map preview, the img2img settings, and each result beside its i
 
 from pathlib import Path
 
+from ..errors import ConfigError
 from . import require_gradio
 from .app import MODEL_JOBS, session_of
 from .workspace import (CANCEL_MESSAGES, Workspace, check_upload, lora_folder_choices, lora_lines, name_uploads,
@@ -32,6 +33,36 @@ def lora_inputs(workspace: Workspace):
     return upload, weights
 
 
+SETTING_TYPES = {"strength": float, "guidance": float, "controlnet_scale": float, "steps": int, "seed": int,
+                 "resolution": int}
+
+
+def setting(name: str, value):
+    """A page value as `morphkit.stylize` takes it; an emptied number box is a `ConfigError`, not a crash."""
+    if value is None:
+        raise ConfigError(f"{name.replace('_', ' ').capitalize()} is empty: enter a value.")
+    return SETTING_TYPES.get(name, str)(value)
+
+
+def stylize_settings(workspace: Workspace) -> dict:
+    """{`morphkit.stylize` keyword: component} for the prompt and the img2img settings."""
+    gr = require_gradio()
+    c = {}
+    with gr.Row():
+        c["prompt"] = gr.Textbox(label="Prompt", placeholder="a painting in mkstyle style", elem_id="stylize-prompt")
+        c["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="stylize-negative")
+    with gr.Row():
+        c["strength"] = gr.Slider(0.05, 1, value=0.5, step=0.05, label="Strength", elem_id="strength")
+        c["guidance"] = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance", elem_id="stylize-guidance")
+        c["controlnet_scale"] = gr.Slider(0, 2, value=0.5, step=0.05, label="ControlNet scale",
+                                          elem_id="controlnet-scale")
+        c["steps"] = gr.Number(50, precision=0, minimum=1, label="Steps", elem_id="stylize-steps")
+        c["seed"] = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="stylize-seed")
+        c["resolution"] = gr.Number(workspace.resolution, precision=0, minimum=8, step=8, label="Resolution",
+                                    elem_id="stylize-resolution")
+    return c
+
+
 def stylize_tab(workspace: Workspace) -> None:
     gr = require_gradio()
     with gr.Row():
@@ -44,17 +75,7 @@ def stylize_tab(workspace: Workspace) -> None:
             high = gr.Slider(0, 255, value=200, step=1, label="Canny high", elem_id="canny-high")
             edges = gr.Gallery(label="Edge maps (live)", columns=4, height=200, elem_id="stylize-edges")
     upload, weights = lora_inputs(workspace)
-    with gr.Row():
-        prompt = gr.Textbox(label="Prompt", placeholder="a painting in mkstyle style", elem_id="stylize-prompt")
-        negative = gr.Textbox(label="Negative prompt", elem_id="stylize-negative")
-    with gr.Row():
-        strength = gr.Slider(0.05, 1, value=0.5, step=0.05, label="Strength", elem_id="strength")
-        guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance", elem_id="stylize-guidance")
-        cn_scale = gr.Slider(0, 2, value=0.5, step=0.05, label="ControlNet scale", elem_id="controlnet-scale")
-        steps = gr.Number(50, precision=0, minimum=1, label="Steps", elem_id="stylize-steps")
-        seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="stylize-seed")
-        resolution = gr.Number(workspace.resolution, precision=0, minimum=8, step=8, label="Resolution",
-                               elem_id="stylize-resolution")
+    fields = stylize_settings(workspace)
     with gr.Row():
         run_btn = gr.Button("Stylize", variant="primary", elem_id="stylize")
         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="stylize-cancel")
@@ -73,35 +94,33 @@ def stylize_tab(workspace: Workspace) -> None:
             return gr.skip(), gr.skip(), page_message(e, paths)
         return views, shown, (f"{len(paths)} image{'s' if len(paths) != 1 else ''} ready." if paths else "")
 
-    def run(files, lora_files, lora_text, auto_on, lo, hi, res, prompt_, negative_, strength_, guidance_, scale_,
-            steps_, seed_, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        paths = _paths(files)
+    def run(values, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        paths, lora_files = _paths(values[images]), _paths(values[upload])
         try:
-            loras = resolve_loras(lora_text, _paths(lora_files), workspace.lora_dir)
-            canny_low, canny_high = thresholds(auto_on, lo, hi)
-            result = workspace.run(session_of(request), workspace.stylize, paths, loras, prompt=prompt_,
-                                   negative_prompt=negative_, strength=float(strength_), guidance=float(guidance_),
-                                   controlnet_scale=float(scale_), steps=int(steps_), seed=int(seed_),
-                                   canny_low=canny_low, canny_high=canny_high, resolution=int(res))
+            loras = resolve_loras(values[weights], lora_files, workspace.lora_dir)
+            canny_low, canny_high = thresholds(values[auto], values[low], values[high])
+            settings = {name: setting(name, values[c]) for name, c in fields.items()}
+            result = workspace.run(session_of(request), workspace.stylize, paths, loras, canny_low=canny_low,
+                                   canny_high=canny_high, **settings)
         except Exception as e:  # noqa: BLE001
-            return gr.skip(), page_message(e, paths + _paths(lora_files))
+            return {status: page_message(e, paths + lora_files)}
         pairs = [item for s in result.stylized for item in ((check_upload(s.source), s.source.name),
                                                               (s.image, f"{s.source.name}, stylized"))]
         failed = " ".join(name_uploads(m, paths) for m in result.failed.values())
         message = f"Stylized {len(result.stylized)} of {len(paths)} in {sum(result.timings.values()):.1f} s."
-        return pairs, (f"{message} Failed: {failed}" if failed else message)
+        return {results: pairs, status: f"{message} Failed: {failed}" if failed else message}
 
-    preview_inputs = [images, auto, low, high, resolution]
+    preview_inputs = [images, auto, low, high, fields["resolution"]]
     images.change(preview, preview_inputs, [inputs_view, edges, status], concurrency_limit=None,
                   show_progress="hidden")
     for control in (low, high):
         control.release(preview, preview_inputs, [inputs_view, edges, status], concurrency_limit=None,
                         show_progress="hidden", trigger_mode="always_last")
-    for control in (auto, resolution):
+    for control in (auto, fields["resolution"]):
         control.change(preview, preview_inputs, [inputs_view, edges, status], concurrency_limit=None,
                        show_progress="hidden", trigger_mode="always_last")
-    run_btn.click(run, [images, upload, weights, auto, low, high, resolution, prompt, negative, strength, guidance,
-                        cn_scale, steps, seed], [results, status], concurrency_id=MODEL_JOBS)
+    run_btn.click(run, {images, upload, weights, auto, low, high, *fields.values()}, [results, status],
+                  concurrency_id=MODEL_JOBS)
 
     def cancel(request: gr.Request):  # a job that stopped says so itself (in its own output)
         return CANCEL_MESSAGES.get(workspace.cancel(session_of(request)), gr.skip())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -56,10 +57,13 @@ def page_message(error: BaseException, uploads=()) -> str:
 
 
 def name_uploads(text: str, uploads=()) -> str:
-    """`text` with each uploaded file's temporary path replaced by its file name (what the visitor knows)."""
+    """`text` with each uploaded file's temporary path replaced by its file name (what the visitor knows).
+
+    The folder is dropped even where the message shortened the file name.
+    """
     for path in uploads:
         if path:
-            text = text.replace(str(path), Path(path).name)
+            text = text.replace(str(path), Path(path).name).replace(str(Path(path).parent) + os.sep, "")
     return text
 
 
