@@ -19,17 +19,13 @@ def image_input(**kwargs):
 
     Gradio's own preprocessing opens the upload with Pillow before any handler runs, so a corrupt file would
     fail inside Gradio with a generic error. Here morphkit's loader reads it, and its message reaches the page.
+    (The method is replaced on the instance: a subclass of a Gradio component makes Gradio write a .pyi stub
+    next to this file.)
     """
     gr = require_gradio()
-
-    class ImagePath(gr.Image):
-        def get_block_name(self) -> str:
-            return "image"
-
-        def preprocess(self, payload):
-            return None if payload is None else payload.path
-
-    return ImagePath(type="filepath", sources=["upload", "clipboard"], **kwargs)
+    image = gr.Image(type="filepath", sources=["upload", "clipboard"], **kwargs)
+    image.preprocess = lambda payload: None if payload is None else payload.path
+    return image
 
 
 def session_of(request) -> str:
