@@ -135,6 +135,17 @@ def cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return center_crop(img.resize(scaled, Image.Resampling.LANCZOS), size)
 
 
+def cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale `img` to cover `size` with its aspect ratio kept, then center-crop to exactly `size`.
+
+    How `morph` frames image B to image A's size, and how `eval` frames the inputs to the frames' size.
+    """
+    width, height = size
+    scale = max(width / img.width, height / img.height)
+    scaled = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    return center_crop(img.resize(scaled, Image.Resampling.LANCZOS), size)
+
+
 def load_image(path: str | os.PathLike, resolution: int | None = None) -> Image.Image:
     """Open an image and, when `resolution` is given, apply the size policy of this module."""
     img = open_image(path)

@@ -8,11 +8,19 @@ of consecutive frames, and from those:
   walks. Shorter is a more direct morph.
 - PDV (perceptual distance variance): their variance. 0 is perfectly even pacing; a morph that jumps in
   the middle has a large one.
-- endpoint fidelity: PSNR and SSIM of the first and last frames against the two inputs.
+- endpoint fidelity: PSNR and SSIM of the first and last frames against the two inputs, and, given a
+  model, against each input's VAE round trip (encoded and decoded: the best a latent-diffusion morph
+  can reproduce).
 
 Distances live in a registry (`DISTANCES`, `register_distance`, `get_distance`): `lpips` when the
 `lpips` package and its weights are there (morphkit does not depend on it), else `l2`, the RMS pixel
 difference, which needs no weights. `get_distance("auto")` picks the first that works and says which.
+
+A protocol (`PROTOCOLS`) fixes how PPL and PDV are measured: "morphkit" (the chosen distance on the
+frames as they are) or "diffmorpher" (the DiffMorpher authors' own: LPIPS with AlexNet on frames resized
+to 512x512, values in [-1, 1]), so that numbers compare with their paper's.
+
+PSNR and SSIM themselves live in `morphkit.similarity` (re-exported here).
 
 `evaluate` (and `morphkit eval`) reads a morph from a frame folder or a GIF and measures all of it.
 """
@@ -29,61 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, InputError
+from .similarity import as_batch as _batch
+from .similarity import gaussian_window, psnr, ssim  # noqa: F401  (part of this module's API)
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# image similarity
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """PSNR in dB of each image pair, images (B, C, H, W) or (C, H, W) in [0, data_range]; inf where equal."""
-    x, y = _batch(x).double(), _batch(y).double()
-    mse = (x - y).pow(2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(data_range**2 / mse)  # mse 0 gives inf
-
-
-def gaussian_window(size: int, sigma: float, dtype=torch.float64) -> torch.Tensor:
-    """A normalised 2-D Gaussian (size, size)."""
-    coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-coords**2 / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    """SSIM (Wang et al. 2004) of each image pair, images (B, C, H, W) or (C, H, W) in [0, data_range].
-
-    The usual settings: an 11x11 Gaussian window of sigma 1.5, K1 0.01, K2 0.03, each channel on its own,
-    the map averaged over the valid (unpadded) positions and the channels. Images smaller than the
-    window use the largest odd window that fits.
-    """
-    x, y = _batch(x).double(), _batch(y).double()
-    channels, height, width = x.shape[1:]
-    size = min(window, height, width)
-    size -= 1 - size % 2
-    kernel = gaussian_window(size, sigma).to(x.device).expand(channels, 1, size, size)
-
-    def blur(t):
-        return F.conv2d(t, kernel, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean(dim=(1, 2, 3))
-
-
-def _batch(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 3:
-        return x[None]
-    if x.dim() != 4:
-        raise ValueError(f"expected images (B, C, H, W) or (C, H, W); got shape {tuple(x.shape)}")
-    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +200,65 @@ def _is_palindrome(frames) -> bool:
     return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, frames[::-1]))
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How PPL and PDV are measured: which distance, on frames resized to what."""
+
+    name: str
+    distance: str | None  # the distance it always uses; None: the one asked for (--distance)
+    size: tuple[int, int] | None  # (width, height) the frames are resized to before the distances; None: as they are
+    help: str
+
+
+PROTOCOLS = {
+    "morphkit": Protocol("morphkit", None, None, "the chosen --distance on the frames as they are"),
+    # The DiffMorpher authors' script (their issue #33): lpips.LPIPS() (AlexNet) on frames resized to 512x512
+    # (torchvision's bilinear Resize) and normalised to [-1, 1].
+    "diffmorpher": Protocol("diffmorpher", "lpips", (512, 512),
+                            "LPIPS (AlexNet) on frames resized to 512x512, values in [-1, 1], as the DiffMorpher "
+                            "authors measure PPL and PDV"),
+}
+
+
+def check_protocol(protocol: str, distance: str = "auto") -> Protocol:
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"Unknown --protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}.")
+    chosen = PROTOCOLS[protocol]
+    if chosen.distance is not None and distance not in ("auto", chosen.distance):
+        raise ConfigError(f"--protocol {protocol} always measures with {chosen.distance}, so --distance {distance} "
+                          f"contradicts it. Leave out --distance, or use --protocol morphkit with --distance {distance}.")
+    return chosen
+
+
+def protocol_distance(protocol: Protocol, distance: str = "auto", device=None) -> tuple[str, Distance, str]:
+    """(name, distance, note) for a protocol: its own distance, on frames resized to its size."""
+    if protocol.distance is None:
+        name, fn, note = get_distance(distance, device)
+    else:
+        try:
+            name, fn, note = protocol.distance, DISTANCES[protocol.distance](device=device), ""
+        except DistanceUnavailable as e:
+            checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+            raise ConfigError(
+                f"--protocol {protocol.name} ({protocol.help}) cannot run here: {e}. It needs the lpips package "
+                f"(pip install lpips, which needs torchvision) and the AlexNet weights in {checkpoints} "
+                "(alexnet-owt-7be5be79.pth; lpips downloads them on first use, morphkit never does). Or use "
+                "--protocol morphkit, which measures with --distance l2 where LPIPS cannot run."
+            ) from None
+    if protocol.size is None:
+        return name, fn, note
+    width, height = protocol.size
+
+    def resized(x, y):
+        def fit(t):
+            return F.interpolate(_batch(t).float(), size=(height, width), mode="bilinear", antialias=True,
+                                 align_corners=False).clamp(0, 1)
+
+        return fn(fit(x), fit(y))
+
+    return name, resized, note
+
+
 @dataclass
 class EvalResult:
     frames: int
@@ -257,30 +273,53 @@ class EvalResult:
     ssim_b: float
     note: str = ""  # distances skipped by "auto", and why
     source: str | None = None
+    protocol: str = "morphkit"
+    # The ends against each input's VAE round trip (encode, decode: the best a latent-diffusion morph can do):
+    # {"model", "psnr_a", "psnr_b", "ssim_a", "ssim_b"}; None when no model was given.
+    vae: dict | None = None
 
     def to_dict(self) -> dict:
         """Plain data for JSON: an infinite PSNR (identical images) becomes null, as JSON has no infinity."""
         data = asdict(self)
         data["size"] = list(self.size)
-        for key in ("psnr_a", "psnr_b"):
-            if not math.isfinite(data[key]):
-                data[key] = None
+        for where in (data, data["vae"] or {}):
+            for key in ("psnr_a", "psnr_b"):
+                if key in where and not math.isfinite(where[key]):
+                    where[key] = None
         return data
 
 
-def evaluate(frames, image_a, image_b, distance: str = "auto", device=None) -> EvalResult:
+def evaluate(frames, image_a, image_b, distance: str = "auto", device=None, protocol: str = "morphkit",
+             model: str | None = None, pipe=None, allow_pickle: bool = False) -> EvalResult:
     """Measure a morph: PPL and PDV of its neighbour distances, PSNR and SSIM of its ends against the inputs.
 
     `frames`: a folder of frames, a GIF, a list of PIL images or a tensor (F, 3, H, W) in [0, 1].
     `image_a`, `image_b`: paths or PIL images, scaled to cover the frame size (aspect ratio kept) and
-    center-cropped, as `morph` frames them.
+    center-cropped, as `morph` frames them. `protocol`: "morphkit" (`distance` on the frames as they are)
+    or "diffmorpher" (the DiffMorpher authors' LPIPS protocol; see `PROTOCOLS`). With `model` (or a loaded
+    `pipe`), the ends are also compared with each input's VAE round trip (`result.vae`).
     """
-    from PIL import Image
+    chosen = check_protocol(protocol, check_distance(distance))
+    tensor, source = _frames_tensor(frames)
+    size = (tensor.shape[3], tensor.shape[2])
+    if (model is not None or pipe is not None) and (size[0] % 8 or size[1] % 8):
+        raise InputError(f"The frames are {size[0]}x{size[1]}; the VAE round trip needs sides that are multiples "
+                         "of 8, as morph writes them. Leave out --model to measure the rest.")
+    inputs = [_as_image(img, size) for img in (image_a, image_b)]
+    ends = images_to_tensor(inputs)
+    name, fn, note = protocol_distance(chosen, distance, device)  # before the model loads: it may not run here
+    d = neighbour_distances(tensor, fn)
+    firsts = tensor[[0, -1]]
+    psnrs, ssims = psnr(firsts, ends), ssim(firsts, ends)
+    vae = None
+    if model is not None or pipe is not None:
+        vae = vae_fidelity(firsts, inputs, model=model, pipe=pipe, device=device, allow_pickle=allow_pickle)
+    return EvalResult(len(tensor), size, name, d.tolist(), ppl(d), pdv(d), float(psnrs[0]), float(psnrs[1]),
+                      float(ssims[0]), float(ssims[1]), note, source, chosen.name, vae)
 
-    from .images import open_image
-    from .morph import cover_resize
 
-    check_distance(distance)
+def _frames_tensor(frames) -> tuple[torch.Tensor, str | None]:
+    """Frames from a path, PIL images or a tensor, as (F, 3, H, W) in [0, 1]; and the path if there was one."""
     source = None
     if isinstance(frames, (str, os.PathLike)):
         source = str(frames)
@@ -290,12 +329,29 @@ def evaluate(frames, image_a, image_b, distance: str = "auto", device=None) -> E
     tensor = frames if torch.is_tensor(frames) else images_to_tensor(frames)
     if tensor.dim() != 4 or tensor.shape[1] != 3 or len(tensor) < 2:
         raise InputError(f"A morph to evaluate needs at least 2 RGB frames; got shape {tuple(tensor.shape)}.")
-    size = (tensor.shape[3], tensor.shape[2])
-    ends = [cover_resize(img if isinstance(img, Image.Image) else open_image(img), size) for img in (image_a, image_b)]
-    ends = images_to_tensor(ends)
-    name, fn, note = get_distance(distance, device)
-    d = neighbour_distances(tensor, fn)
-    firsts, lasts = tensor[[0, -1]], ends
-    psnrs, ssims = psnr(firsts, lasts), ssim(firsts, lasts)
-    return EvalResult(len(tensor), size, name, d.tolist(), ppl(d), pdv(d), float(psnrs[0]), float(psnrs[1]),
-                      float(ssims[0]), float(ssims[1]), note, source)
+    return tensor, source
+
+
+def _as_image(image, size: tuple[int, int]):
+    from PIL import Image
+
+    from .images import cover_resize, open_image
+
+    return cover_resize(image if isinstance(image, Image.Image) else open_image(image), size)
+
+
+@torch.no_grad()
+def vae_fidelity(ends: torch.Tensor, inputs: list, model: str | None = None, pipe=None, device=None,
+                 allow_pickle: bool = False) -> dict:
+    """PSNR and SSIM of the end frames (2, 3, H, W) in [0, 1] against the VAE round trips of the two input
+    images (PIL, at the frames' size). The VAE runs in fp32 (the round trip is a reference, not a render)."""
+    from .images import to_pil
+    from .models import decode_latents, encode_image, load_pipeline
+
+    if pipe is None:
+        pipe = load_pipeline(model, device=device, dtype=torch.float32, allow_pickle=allow_pickle)
+    round_trips = torch.cat([decode_latents(pipe, encode_image(pipe, img)) for img in inputs])
+    round_trips = images_to_tensor(to_pil(round_trips))  # quantised to 8 bits, as a saved frame is
+    psnrs, ssims = psnr(ends, round_trips), ssim(ends, round_trips)
+    return {"model": str(model if model is not None else getattr(pipe, "name_or_path", "pipeline")),
+            "psnr_a": float(psnrs[0]), "psnr_b": float(psnrs[1]), "ssim_a": float(ssims[0]), "ssim_b": float(ssims[1])}

@@ -111,7 +111,7 @@ def inputs(tmp_path):
     b_big = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     a.save(tmp_path / "a.png")
     b_big.save(tmp_path / "b.png")
-    from morphkit.morph import cover_resize
+    from morphkit.images import cover_resize
 
     return tmp_path / "a.png", tmp_path / "b.png", a, cover_resize(b_big, a.size)
 
@@ -191,3 +191,113 @@ def test_eval_cli(tmp_path, inputs):
         result = run(*argv)
         assert result.exit_code == code and words in result.output, (argv, result.output)
         assert "Traceback" not in result.output
+
+
+# ---- the ends against the VAE round trip, and the DiffMorpher authors' protocol -------------------------
+
+def test_eval_compares_the_ends_with_their_vae_round_trips(tmp_path, inputs, morphkit_cache):
+    from morphkit.images import to_pil
+    from morphkit.models import decode_latents, encode_image, load_pipeline
+
+    path_a, path_b, a, b = inputs
+    save_crossfade(tmp_path / "frames", a, b)
+    result = evaluate(tmp_path / "frames", path_a, path_b, distance="l2", model="tiny")
+    pipe = load_pipeline("tiny", device="cpu")
+    for side, image in (("a", a), ("b", b)):
+        round_trip = images_to_tensor(to_pil(decode_latents(pipe, encode_image(pipe, image))))
+        assert result.vae[f"psnr_{side}"] == pytest.approx(psnr(images_to_tensor([image]), round_trip).item())
+        assert -1 <= result.vae[f"ssim_{side}"] < 1  # the ends are the inputs, which the random VAE does not reproduce
+    assert result.vae["model"] == "tiny" and result.psnr_a == math.inf
+    assert json.loads(json.dumps(result.to_dict()))["vae"]["psnr_b"] == pytest.approx(result.vae["psnr_b"])
+    assert evaluate(tmp_path / "frames", path_a, path_b, distance="l2").vae is None
+
+    small = [img.resize((20, 20)) for img in (a, b)]
+    with pytest.raises(morphkit.InputError, match="multiples of 8"):
+        evaluate(images_to_tensor(small), small[0], small[1], distance="l2", model="tiny")
+
+
+def test_eval_cli_with_and_without_a_model(tmp_path, inputs, morphkit_cache):
+    path_a, path_b, a, b = inputs
+    save_crossfade(tmp_path / "frames", a, b)
+    args = ["eval", tmp_path / "frames", "--a", path_a, "--b", path_b, "--distance", "l2"]
+    without = run(*args)
+    assert without.exit_code == 0, without.output
+    assert "VAE round trip: not measured" in without.output and "--model" in without.output
+    with_model = run(*args, "--model", "tiny", "--json", tmp_path / "m.json")
+    assert with_model.exit_code == 0, with_model.output
+    assert "against its VAE round trip" in with_model.output and "VAE round trip by tiny" in with_model.output
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert written["vae"]["model"] == "tiny" and written["vae"]["psnr_a"] > 0 and written["protocol"] == "morphkit"
+
+
+@pytest.fixture
+def fake_lpips(tmp_path, monkeypatch):
+    """An `lpips` package and AlexNet weights file that are not the real ones: records what LPIPS is given."""
+    import sys
+    import types
+
+    seen = []
+
+    class LPIPS(torch.nn.Module):
+        def __init__(self, net="alex", verbose=True):
+            super().__init__()
+            self.net, self.scale = net, torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, y):
+            seen.append((self.net, tuple(x.shape[2:]), x.min().item(), x.max().item()))
+            return (x - y).abs().mean(dim=(1, 2, 3), keepdim=True) * self.scale
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=LPIPS))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return seen
+
+
+def test_the_diffmorpher_protocol_is_lpips_alexnet_on_512px_frames_in_minus_one_to_one(tmp_path, inputs, fake_lpips):
+    path_a, path_b, a, b = inputs
+    save_crossfade(tmp_path / "frames", a, b)
+    result = evaluate(tmp_path / "frames", path_a, path_b, protocol="diffmorpher")
+    assert result.protocol == "diffmorpher" and result.distance == "lpips" and len(result.distances) == 4
+    assert fake_lpips and all(net == "alex" and size == (512, 512) for net, size, _, _ in fake_lpips)
+    low, high = min(s[2] for s in fake_lpips), max(s[3] for s in fake_lpips)
+    assert -1 <= low < -0.9 and 0.9 < high <= 1
+    printed = run("eval", tmp_path / "frames", "--a", path_a, "--b", path_b, "--protocol", "diffmorpher")
+    assert printed.exit_code == 0 and "512x512" in printed.output, printed.output
+
+
+def test_the_diffmorpher_protocol_says_plainly_when_lpips_cannot_run(tmp_path, inputs, monkeypatch):
+    import sys
+
+    path_a, path_b, a, b = inputs
+    save_crossfade(tmp_path / "frames", a, b)
+    monkeypatch.setitem(sys.modules, "lpips", None)  # not installed, whatever this machine has
+    with pytest.raises(morphkit.ConfigError, match="lpips package is not installed"):
+        evaluate(tmp_path / "frames", path_a, path_b, protocol="diffmorpher")
+    args = ["eval", tmp_path / "frames", "--a", path_a, "--b", path_b]
+    for extra, code, words in [
+        (["--protocol", "diffmorpher"], 2, ["--protocol diffmorpher", "pip install lpips", "--protocol morphkit"]),
+        (["--protocol", "diffmorpher", "--model", tmp_path / "no-such-model"], 2, ["pip install lpips"]),
+        (["--protocol", "diffmorpher", "--distance", "l2"], 2, ["contradicts"]),
+        (["--protocol", "paper"], 2, ["Unknown --protocol"]),
+    ]:
+        result = run(*args, *extra)
+        assert result.exit_code == code and all(w in result.output for w in words), (extra, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_metrics_and_inversion_import_neither_morph_nor_each_other():
+    import ast
+    from pathlib import Path
+
+    import morphkit.inversion
+    import morphkit.metrics
+    import morphkit.similarity
+
+    def relative_imports(module):
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert not {"morph", "inversion"} & relative_imports(morphkit.metrics)
+    assert not {"morph", "metrics"} & relative_imports(morphkit.inversion)
+    assert not relative_imports(morphkit.similarity)
