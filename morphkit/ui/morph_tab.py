@@ -21,7 +21,7 @@ def settings_inputs(workspace: Workspace) -> dict:
     c = {}
     with gr.Accordion("Settings", open=True):
         with gr.Row():
-            c["frames"] = gr.Slider(3, 64, value=16, step=1, label="Frames", elem_id="frames")
+            c["frames"] = gr.Slider(2, 64, value=16, step=1, label="Frames", elem_id="frames")
             c["attn_lambda"] = gr.Slider(0, 1, value=0.6, step=0.05, label="λ (self-attention interpolation)",
                                          elem_id="attn_lambda")
             c["pacing"] = gr.Radio(["even", "linear"], value="even", label="Pacing", elem_id="pacing")
@@ -41,20 +41,16 @@ def settings_inputs(workspace: Workspace) -> dict:
 
 
 def prepared_message(prepared: Prepared) -> str:
-    pair = prepared.pair
-    hits = getattr(pair, "hits", {}) or {}
-    cached = [k for k, v in hits.items() if v]
-    computed = [k for k, v in hits.items() if not v]
-    parts = ([f"from the cache: {', '.join(cached)}"] if cached else []) + (
-        [f"computed: {', '.join(computed)}"] if computed else [])
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in (getattr(pair, "timings", {}) or {}).items())
-    return (f"Prepared in {prepared.seconds:.2f} s ({'; '.join(parts) or stages or 'done'}). Render now; after "
-            f"changing {RENDER_ONLY}, Render reuses this pair without fitting or inverting again.")
+    hits = prepared.pair.hits
+    parts = [f"{label}: {', '.join(k for k, v in hits.items() if v == hit)}"
+             for label, hit in (("from the cache", True), ("computed", False)) if hit in hits.values()]
+    return (f"Prepared in {prepared.seconds:.2f} s ({'; '.join(parts) or 'done'}). Render now; after changing "
+            f"{RENDER_ONLY}, Render reuses this pair without fitting or inverting again.")
 
 
 def render_message(result: Render, prepared: Prepared, reason: str | None, settings) -> str:
     frames = len(result.rendered.frames)
-    again = len(getattr(result.rendered, "rerendered", []) or [])
+    again = len(result.rendered.rerendered)
     how = (f"λ {settings.attn_lambda:g}, AdaIN {'on' if settings.adain else 'off'}, {settings.lora_blend} blend, "
            f"{settings.pacing} pacing" + (f", {again} re-rendered by pacing" if again else ""))
     if reason is None:
@@ -150,7 +146,8 @@ def morph_tab(workspace: Workspace) -> None:
             reason = why_prepare(workspace, prepared, uploads, settings)
             if reason is not None:
                 prepared = workspace.run(session_of(request), workspace.prepare, *uploads, settings)
-            result = workspace.run(session_of(request), workspace.render, prepared, settings, reason is not None)
+            result = workspace.run(session_of(request), workspace.render, prepared, settings, reason is not None,
+                                   session=session_of(request))
         except Exception as e:  # noqa: BLE001
             return {status: page_message(e, uploads)}
         values = {shown[name]: value for name, value in result_values(result).items()}

@@ -164,7 +164,7 @@ def zip_frames(folder: Path, target: Path) -> Path:
 class Workspace:
     """The server's model, its temporary files and the cancel events of the sessions."""
 
-    def __init__(self, model: str = "tiny", *, device=None, dtype=None, lora_dir=None, controlnet=None,
+    def __init__(self, model: str, *, device=None, dtype=None, lora_dir=None, controlnet=None,
                  allow_pickle: bool = False, pipe=None):
         from ..models import load_pipeline
 
@@ -178,6 +178,7 @@ class Workspace:
         self._cn_pipe = None
         self.current_pair = None  # the pair whose adapters are on the model now (one at a time, see PreparedPair)
         self._cancel: dict[str, threading.Event] = {}
+        self._outdirs: dict[str, Path] = {}
         self._lock = threading.Lock()
         self.tmp = Path(tempfile.mkdtemp(prefix="morphkit-ui-"))
         atexit.register(shutil.rmtree, self.tmp, True)
@@ -208,7 +209,7 @@ class Workspace:
             time.sleep(0.05)
         return "stopping"
 
-    def run(self, session: str, job, *args, **kwargs):
+    def run(self, session: str, job, /, *args, **kwargs):
         """`job(*args, **kwargs)` under this session's cancel event (morphkit's loops raise `Cancelled`)."""
         from ..progress import cancellable
 
@@ -221,8 +222,14 @@ class Workspace:
                 if self._cancel.get(session) is event:
                     del self._cancel[session]
 
-    def outdir(self, prefix: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
+    def outdir(self, prefix: str, session: str) -> Path:
+        """A new folder for a job's files; the session's previous one (already served to the page) is removed."""
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
+        with self._lock:
+            previous, self._outdirs[session] = self._outdirs.get(session), folder
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        return folder
 
     # morph ----------------------------------------------------------------------------------
 
@@ -247,7 +254,7 @@ class Workspace:
         self.current_pair = pair
         return Prepared((image_a, image_b), pair, time.perf_counter() - start)
 
-    def render(self, prepared: Prepared, settings, prepared_again: bool = False) -> Render:
+    def render(self, prepared: Prepared, settings, prepared_again: bool = False, session: str = "local") -> Render:
         """Render the prepared pair with `settings`, write GIF, MP4 and a zip of the frames, and measure it."""
         from ..metrics import evaluate
         from ..morph import export_morph, render_morph
@@ -255,7 +262,7 @@ class Workspace:
         start = time.perf_counter()
         rendered = render_morph(prepared.pair, settings, progress=True)
         seconds = time.perf_counter() - start
-        out = self.outdir("morph-")
+        out = self.outdir("morph-", session)
         paths = export_morph(rendered.frames, settings, out, overwrite=True)
         files = {k: Path(paths[k]) for k in ("gif", "mp4") if k in paths}
         if "png" in paths:
