@@ -277,20 +277,22 @@ class EvalResult:
     # The ends against each input's VAE round trip (encode, decode: the best a latent-diffusion morph can do):
     # {"model", "psnr_a", "psnr_b", "ssim_a", "ssim_b"}; None when no model was given.
     vae: dict | None = None
+    # A chain's keyframes: for each, {"image", "frame" (the index of its frame), "psnr", "ssim"}; None for a pair.
+    keyframes: list[dict] | None = None
 
     def to_dict(self) -> dict:
         """Plain data for JSON: an infinite PSNR (identical images) becomes null, as JSON has no infinity."""
         data = asdict(self)
         data["size"] = list(self.size)
-        for where in (data, data["vae"] or {}):
-            for key in ("psnr_a", "psnr_b"):
+        for where in (data, data["vae"] or {}, *(data["keyframes"] or [])):
+            for key in ("psnr_a", "psnr_b", "psnr"):
                 if key in where and not math.isfinite(where[key]):
                     where[key] = None
         return data
 
 
-def evaluate(frames, image_a, image_b, distance: str = "auto", device=None, protocol: str = "morphkit",
-             model: str | None = None, pipe=None, allow_pickle: bool = False) -> EvalResult:
+def evaluate(frames, image_a=None, image_b=None, distance: str = "auto", device=None, protocol: str = "morphkit",
+             model: str | None = None, pipe=None, allow_pickle: bool = False, keyframes=None) -> EvalResult:
     """Measure a morph: PPL and PDV of its neighbour distances, PSNR and SSIM of its ends against the inputs.
 
     `frames`: a folder of frames, a GIF, a list of PIL images or a tensor (F, 3, H, W) in [0, 1].
@@ -298,24 +300,50 @@ def evaluate(frames, image_a, image_b, distance: str = "auto", device=None, prot
     center-cropped, as `morph` frames them. `protocol`: "morphkit" (`distance` on the frames as they are)
     or "diffmorpher" (the DiffMorpher authors' LPIPS protocol; see `PROTOCOLS`). With `model` (or a loaded
     `pipe`), the ends are also compared with each input's VAE round trip (`result.vae`).
+
+    A chain: `keyframes` (two or more images, in order) instead of A and B. The first keyframe is frame 0;
+    each later one is found as the frame most like it (highest PSNR) after the one before, and measured
+    there (`result.keyframes`); A and B are then the first and last keyframes.
     """
     chosen = check_protocol(protocol, check_distance(distance))
+    if keyframes is not None and (len(keyframes) < 2 or image_a is not None or image_b is not None):
+        raise ConfigError("Give a chain's keyframes (two or more, with --keyframe) or the two ends of a morph "
+                          "(--a and --b), not both.")
+    if keyframes is None and (image_a is None or image_b is None):
+        raise ConfigError("Give the morph's two ends (--a and --b), or a chain's keyframes (--keyframe, repeated).")
     tensor, source = _frames_tensor(frames)
     size = (tensor.shape[3], tensor.shape[2])
     if (model is not None or pipe is not None) and (size[0] % 8 or size[1] % 8):
         raise InputError(f"The frames are {size[0]}x{size[1]}; the VAE round trip needs sides that are multiples "
                          "of 8, as morph writes them. Leave out --model to measure the rest.")
-    inputs = [_as_image(img, size) for img in (image_a, image_b)]
-    ends = images_to_tensor(inputs)
+    inputs = [_as_image(img, size) for img in (keyframes or [image_a, image_b])]
+    where = _keyframe_frames(tensor, images_to_tensor(inputs)) if keyframes else [0, len(tensor) - 1]
     name, fn, note = protocol_distance(chosen, distance, device)  # before the model loads: it may not run here
     d = neighbour_distances(tensor, fn)
-    firsts = tensor[[0, -1]]
-    psnrs, ssims = psnr(firsts, ends), ssim(firsts, ends)
+    shown = tensor[where]
+    psnrs, ssims = psnr(shown, images_to_tensor(inputs)), ssim(shown, images_to_tensor(inputs))
+    found = None if keyframes is None else [
+        {"image": str(k) if isinstance(k, (str, os.PathLike)) else f"keyframe {i + 1}", "frame": int(f),
+         "psnr": float(p), "ssim": float(q)} for i, (k, f, p, q) in enumerate(zip(keyframes, where, psnrs, ssims))]
     vae = None
     if model is not None or pipe is not None:
-        vae = vae_fidelity(firsts, inputs, model=model, pipe=pipe, device=device, allow_pickle=allow_pickle)
-    return EvalResult(len(tensor), size, name, d.tolist(), ppl(d), pdv(d), float(psnrs[0]), float(psnrs[1]),
-                      float(ssims[0]), float(ssims[1]), note, source, chosen.name, vae)
+        vae = vae_fidelity(shown[[0, -1]], [inputs[0], inputs[-1]], model=model, pipe=pipe, device=device,
+                           allow_pickle=allow_pickle)
+    return EvalResult(len(tensor), size, name, d.tolist(), ppl(d), pdv(d), float(psnrs[0]), float(psnrs[-1]),
+                      float(ssims[0]), float(ssims[-1]), note, source, chosen.name, vae, found)
+
+
+def _keyframe_frames(frames: torch.Tensor, keyframes: torch.Tensor) -> list[int]:
+    """Where each keyframe is among the frames: the first at 0, each later one at the frame most like it (PSNR)
+    after the one before, leaving a frame for each keyframe still to come."""
+    if len(keyframes) > len(frames):
+        raise InputError(f"{len(keyframes)} keyframes cannot all be among {len(frames)} frames.")
+    where = [0]
+    for k in range(1, len(keyframes)):
+        low, high = where[-1] + 1, len(frames) - (len(keyframes) - 1 - k)
+        scores = psnr(frames[low:high], keyframes[k:k + 1].expand(high - low, -1, -1, -1))
+        where.append(low + int(torch.argmax(torch.nan_to_num(scores, posinf=1e9))))
+    return where
 
 
 def _frames_tensor(frames) -> tuple[torch.Tensor, str | None]:
