@@ -318,3 +318,58 @@ def compiled(module: torch.nn.Module, enabled: bool = True, backend: str = "indu
             module.forward = original
         else:
             del module.forward
+
+
+# ---------------------------------------------------------------------------------------------
+# precision per stage
+
+PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+# The stages that must be exact run in this precision (the measured floors of a 50-step inversion round trip
+# on the tiny model: about 5e-7 in fp32, 4.6e-4 in fp16, 4.2e-3 in bf16; see benchmarks/README.md).
+EXACT_STAGE_DTYPE = torch.float32
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """fp32, fp16, bf16 (or torch's own name for anything else)."""
+    return PRECISION_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def module_precision(module: torch.nn.Module) -> str:
+    """The precision most of `module`'s floating-point weights are in: "bf16" for a bf16 UNet even when it
+    carries fp32 LoRA weights."""
+    counts: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return precision_name(max(counts, key=counts.get)) if counts else "none"
+
+
+@contextlib.contextmanager
+def stage_precision(module: torch.nn.Module, dtype: str | torch.dtype = EXACT_STAGE_DTYPE, enabled: bool = True):
+    """Run a stage with `module`'s lower-precision weights raised to `dtype` (fp32 by default), in place.
+
+    For a pipeline loaded in fp16 or bf16 whose exact stages (inversion, end frames) should run in fp32:
+    every floating-point parameter and buffer of lower precision than `dtype` is cast up on entry and back
+    on exit. fp16 and bf16 values are exactly representable in fp32, so the weights come back bit for bit.
+    Tensors already at `dtype` or above (an fp32 pipeline, fp32 LoRA weights) are left alone, so on a CPU
+    in fp32 this costs nothing. Yields the precision the stage runs in ("fp32", or the module's own when
+    nothing was cast or `enabled` is False), for the summary. Build eps callables inside the block: they
+    look up the module's dtype once.
+    """
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    raised = []
+    if enabled:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < torch.finfo(dtype).bits:
+                raised.append((tensor, tensor.dtype))
+                tensor.data = tensor.data.to(dtype)
+    try:
+        yield module_precision(module)
+    finally:
+        for tensor, original in raised:
+            tensor.data = tensor.data.to(original)
+
+
+def format_precisions(precisions: dict[str, str]) -> str:
+    """{"fit": "bf16", "invert": "fp32"} -> "fit bf16, invert fp32": the summary line's text."""
+    return ", ".join(f"{stage} {name}" for stage, name in precisions.items())
