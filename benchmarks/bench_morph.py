@@ -30,10 +30,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import morphkit  # noqa: E402
 from morphkit.images import load_image, to_tensor  # noqa: E402
-from morphkit.inversion import ddim_schedule, eps_model, invert_ddim  # noqa: E402
+from morphkit.inversion import Inversion, ddim_schedule, eps_model, invert_ddim  # noqa: E402
 from morphkit.lora import adapter_weights  # noqa: E402
 from morphkit.models import SD15_CONFIG, decode_latents, encode_image, encode_prompt, load_pipeline, resolve_device  # noqa: E402
-from morphkit.morph import cover_resize, invert_under_loras  # noqa: E402
+from morphkit.images import cover_resize  # noqa: E402
+from morphkit.morph import invert_under_loras  # noqa: E402
 from morphkit.train import EncodedExample, TrainSettings, fit_lora, fit_loras  # noqa: E402
 from reference import reference_morph  # noqa: E402
 
@@ -160,7 +161,8 @@ def main():
         invert_ddim(eps_model(pipe.unet, embeds), latent, schedule)
     record("inversion step (one image)", t, settings["steps"])
     with Timer(device) as t:
-        invert_under_loras(pipe, latent.repeat(2, 1, 1, 1), embeds.repeat(2, 1, 1), ["bench", "bench"], schedule)
+        invert_under_loras(pipe, latent.repeat(2, 1, 1, 1), embeds.repeat(2, 1, 1), ["bench", "bench"], schedule,
+                           inversion=Inversion("ddim"))
     record("inversion step (two images in one batch, as morph inverts them)", t, settings["steps"])
     pipe.unet.delete_adapters("bench")
 

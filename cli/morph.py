@@ -81,6 +81,18 @@ def morph(
         "torch keeps compiled graphs on disk for later runs), then rendering is faster. Worth it for long renders "
         "and repeated runs; measured figures in benchmarks/README.md."
     )),
+    tuning_free: Optional[bool] = typer.Option(None, "--tuning-free", help=(
+        "Fit no LoRA: invert and render with the base model alone (DiffMorpher users' no_lora). Much faster; "
+        "exact inversion still brings the ends back, the in-between frames follow the base model more."
+    )),
+    inversion: Optional[str] = typer.Option(None, "--inversion", help=(
+        "fixed-point (default): each DDIM inversion step solved exactly by fixed-point iteration, so the first "
+        "and last frames come back as the inputs (to the VAE's own round trip). ddim: plain DDIM inversion, one "
+        "UNet call per step, with a visible error at the ends."
+    )),
+    inversion_iterations: Optional[int] = typer.Option(None, "--inversion-iterations", help="Most fixed-point iterations per inversion step. [default: 5]"),
+    inversion_tolerance: Optional[float] = typer.Option(None, "--inversion-tolerance", help="A step stops iterating once its latent changes by less than this, relatively. [default: 1e-6]"),
+    fp32_ends: Optional[bool] = typer.Option(None, "--fp32-ends/--no-fp32-ends", help="On a model in fp16/bf16, invert and render the end frames in fp32 (the other frames stay in the model's precision). [default: on]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Morph image A into image B: a LoRA per image, DDIM inversion, slerp and blended adapters.
@@ -99,7 +111,9 @@ def morph(
         output_dir=output_dir, formats=formats, fps=fps, frame_duration_ms=frame_duration, loop=loop,
         back_and_forth=back_and_forth, cache=cache, cache_dir=cache_dir, overwrite=overwrite, device=device,
         dtype=dtype, allow_pickle=allow_pickle, attn_lambda=attn_lambda, adain=adain, pacing=pacing,
-        distance=distance, lora_blend=lora_blend, compile_unet=compile_unet,
+        distance=distance, lora_blend=lora_blend, compile_unet=compile_unet, tuning_free=tuning_free,
+        inversion=inversion, inversion_iterations=inversion_iterations, inversion_tolerance=inversion_tolerance,
+        fp32_ends=fp32_ends,
     )
     settings = call(morphkit.MorphSettings.resolve, config, **options)
     result = call(morphkit.morph, image_a, image_b, settings, progress=not quiet)
@@ -137,6 +151,10 @@ def morph_report(result, steps: int) -> list[str]:
                      f"{len(result.frames)} frames; PDV {before:.3g} (linear) -> {after:.3g}.")
     else:
         lines.append(f"Pacing: {result.pacing}.")
+    if result.inversion:
+        lines.append(f"Inversion: {result.inversion}.")
+    if result.precisions:
+        lines.append("Precision: " + ", ".join(f"{stage} {name}" for stage, name in result.precisions.items()) + ".")
     return lines
 
 

@@ -21,7 +21,7 @@ from ..errors import OutputExistsError
 from ..export import boomerang, save_frames, save_gif, save_mp4
 from ..images import to_pil
 from ..lora_blend import factor_layers
-from ..models import compiled, decode_latents
+from ..models import compiled, decode_latents, module_precision, stage_precision
 from ..progress import tqdm
 from ..stages import Stages
 from .attention import AttentionStore, attention_steps
@@ -46,6 +46,7 @@ class Rendered:
     attention_bytes: int = 0  # the most memory the kept end-frame self-attention inputs took
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
+    precisions: dict[str, str] = field(default_factory=dict)  # end frames, in-between frames
 
 
 @dataclass
@@ -64,6 +65,8 @@ class MorphResult:
     rerendered: list[int] = field(default_factory=list)  # frames rendered again at a new α (even pacing)
     first_distances: list[float] = field(default_factory=list)  # neighbour distances of the first pass (even pacing)
     distances: list[float] = field(default_factory=list)  # neighbour distances of the frames returned (even pacing)
+    precisions: dict[str, str] = field(default_factory=dict)  # the precision each stage ran in
+    inversion: str = ""  # how the images were inverted, in words
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,11 +75,37 @@ class MorphResult:
 
 def render_alphas(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
                   attention: AttentionStore | None = None, bar=None) -> list[Image.Image]:
-    """The frames at `alphas` (one pass, no pacing), decoded to images."""
+    """The frames at `alphas` (one pass, no pacing), decoded to images.
+
+    With `fp32_ends` on a model in fp16 / bf16, the end frames (α = 0 or 1) render and decode in fp32, as they
+    were inverted, so that they come back as exactly as the inversion allows; the others in the model's own
+    precision. (`attention` must then keep the ends' inputs: `exact_ends_apart` says when.)
+    """
+    if not exact_ends_apart(prepared):
+        return _render_decode(prepared, alphas, settings, attention, bar)
+    is_end = (alphas == 0) | (alphas == 1)
+    frames: list = [None] * len(alphas)
+    for part in (is_end, ~is_end):
+        if part.any():
+            with stage_precision(prepared.pipe.unet, enabled=bool(is_end[part].all())), \
+                    stage_precision(prepared.pipe.vae, enabled=bool(is_end[part].all())):
+                pictures = _render_decode(prepared, alphas[part], settings, attention, bar)
+            for i, picture in zip(part.nonzero().flatten().tolist(), pictures):
+                frames[i] = picture
+    return frames
+
+
+def exact_ends_apart(prepared: PreparedPair) -> bool:
+    """Whether the end frames render apart from the others, in fp32 (`fp32_ends` on a lower-precision model)."""
+    return prepared.settings.fp32_ends and module_precision(prepared.pipe.unet) != "fp32"
+
+
+def _render_decode(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
+                   attention: AttentionStore | None, bar) -> list[Image.Image]:
     p = prepared
     latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, p.schedule,
-                            p.settings.guidance, p.negative, settings.batch_size, progress=bar, adain=settings.adain,
-                            blend=settings.lora_blend, attention=attention)
+                            p.settings.guidance, p.negative, settings.batch_size, p.adapters, progress=bar,
+                            adain=settings.adain, blend=settings.lora_blend, attention=attention)
     return to_pil(decode_latents(p.pipe, latents))
 
 
@@ -92,11 +121,12 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
         raise ValueError("These settings change how the pair is prepared (model, prompts, LoRAs, steps, guidance, "
                          "seed or size): call prepare_pair again.")
     unet = prepared.pipe.unet
-    if settings.lora_blend == "factors":
+    if settings.lora_blend == "factors" and prepared.adapters:
         factor_layers(unet, ADAPTERS)  # two LoRAs of different ranks cannot blend by factors: say so now
     distance = get_distance(settings.distance, unet.device) if settings.paced else None
     steps = attention_steps(settings.attn_lambda, settings.steps)
-    attention = AttentionStore(steps, keep=settings.paced) if settings.frames > 2 and steps else None
+    keep = settings.paced or exact_ends_apart(prepared)  # a later pass reads the ends' inputs from the store
+    attention = AttentionStore(steps, keep=keep) if settings.frames > 2 and steps else None
     stages = Stages(unet.device)
     stages.begin()
     alphas = alpha_schedule(settings.frames)
@@ -115,6 +145,8 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
     rendered.attention_steps = attention.steps if attention is not None else 0
     rendered.attention_bytes = attention.peak_bytes if attention is not None else 0
     rendered.timings, rendered.peak_memory = stages.seconds, stages.peak_bytes
+    own = module_precision(unet)
+    rendered.precisions = {"end frames": "fp32" if exact_ends_apart(prepared) else own, "in-between frames": own}
     return rendered
 
 
@@ -229,4 +261,5 @@ def morph(image_a, image_b, settings: MorphSettings | None = None, *, config=Non
                        {**prepared.timings, **rendered.timings, **stages.seconds}, prepared.hits,
                        {**prepared.peak_memory, **rendered.peak_memory, **stages.peak_bytes},
                        rendered.attention_steps, rendered.attention_bytes, settings.pacing, rendered.distance,
-                       rendered.rerendered, rendered.first_distances, rendered.distances)
+                       rendered.rerendered, rendered.first_distances, rendered.distances,
+                       {**prepared.precisions, **rendered.precisions}, settings.inversion_method.describe())

@@ -23,7 +23,7 @@ from ..images import cover_resize, open_image, resize_to_policy
 from ..inversion import DDIMSchedule, ddim_schedule
 from ..io import sha256_file
 from ..lora import adapter_metadata, load_lora, lora_state_dict, save_lora
-from ..models import encode_image, encode_prompt, load_pipeline, resolve_device
+from ..models import encode_image, encode_prompt, load_pipeline, module_precision, resolve_device, stage_precision
 from ..stages import Stages
 from .sampling import ADAPTERS, invert_under_loras
 from .settings import MorphSettings
@@ -48,6 +48,12 @@ class PreparedPair:
     hits: dict[str, bool] = field(default_factory=dict)  # cache hits: lora_a, lora_b, inversion_a, inversion_b
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
+    precisions: dict[str, str] = field(default_factory=dict)  # the precision each stage ran in: fit, invert
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The two adapters the frames blend; none in a tuning-free morph."""
+        return () if self.settings.tuning_free else ADAPTERS
 
     def matches(self, settings: MorphSettings) -> bool:
         """True when `settings` differ from the prepared ones only in render or export settings."""
@@ -103,18 +109,21 @@ def prepare_pair(image_a, image_b, settings: MorphSettings | None = None, *, pip
     store, fingerprint = pair_cache(settings, pipe, given_pipe is not None)
     stages.end("load")
 
-    # 3. one LoRA per image: given, cached, or fitted now
+    # 3. one LoRA per image: given, cached, or fitted now (none in a tuning-free morph)
     hits: dict[str, bool] = {}
-    lora_ids = attach_loras(pipe, settings, keys, latents, embeds, store, fingerprint, hits, progress)
+    precisions = {} if settings.tuning_free else {"fit": module_precision(pipe.unet)}
+    lora_ids = (["none", "none"] if settings.tuning_free else
+                attach_loras(pipe, settings, keys, latents, embeds, store, fingerprint, hits, progress))
     stages.end("fit")
 
-    # 4. each image inverted under its own LoRA and prompt; the two in one batch when both are due
+    # 4. each image inverted under its own LoRA and prompt (exactly, in fp32); both in one batch when both are due
     schedule = ddim_schedule(pipe.scheduler.config, settings.steps)
-    noises = invert_pair(pipe, settings, keys, lora_ids, latents, embeds, schedule, store, fingerprint, hits,
-                         progress)
+    with stage_precision(pipe.unet, enabled=settings.fp32_ends) as precisions["invert"]:
+        noises = invert_pair(pipe, settings, keys, lora_ids, latents, embeds, negative, schedule, store,
+                             fingerprint, hits, progress)
     stages.end("invert")
     return PreparedPair(pipe, settings, tuple(images), latents, embeds, negative, noises, schedule, hits,
-                        stages.seconds, stages.peak_bytes)
+                        stages.seconds, stages.peak_bytes, precisions)
 
 
 def frame_images(originals: list[Image.Image], resolution: int) -> list[Image.Image]:
@@ -177,14 +186,21 @@ def attach_loras(pipe, settings: MorphSettings, keys, latents, embeds, store: Te
     return lora_ids
 
 
-def invert_pair(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, schedule, store: TensorCache,
-                fingerprint: str, hits: dict, progress: bool) -> list[torch.Tensor]:
-    """The inverted noise of each image, from the cache or inverted now (both in one batch when both are due)."""
+def invert_pair(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, negative, schedule,
+                store: TensorCache, fingerprint: str, hits: dict, progress: bool) -> list[torch.Tensor]:
+    """The inverted noise of each image, from the cache or inverted now (both in one batch when both are due).
+
+    The cache key holds everything the noise depends on: the image, prompt, model, LoRA, steps, the inversion
+    method and its settings, the guidance and negative prompt (guided inversion), and the precision it ran in.
+    """
     prompts, device = settings.prompts, pipe.unet.device
+    inversion = settings.inversion_method
+    guided = {} if settings.guidance == 1.0 else {"guidance": settings.guidance, "negative": settings.negative_prompt}
     noises, due = [None, None], []
     for side in range(2):
         key = cache_key("inversion", image=keys[side], prompt=prompts[side], model=fingerprint,
-                        lora=lora_ids[side], steps=settings.steps)
+                        lora=lora_ids[side], steps=settings.steps, inversion=inversion.key(),
+                        precision=module_precision(pipe.unet), **guided)
         entry = store.get("inversion", key)
         hits[f"inversion_{'ab'[side]}"] = entry is not None
         if entry is None:
@@ -193,9 +209,11 @@ def invert_pair(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, 
             noises[side] = entry["noise"].to(device)
     if due:
         sides = [side for side, _ in due]
+        adapters = [None if settings.tuning_free else ADAPTERS[s] for s in sides]
         inverted = invert_under_loras(pipe, torch.cat([latents[s] for s in sides]),
-                                      torch.cat([embeds[s] for s in sides]), [ADAPTERS[s] for s in sides], schedule,
-                                      progress=progress, desc=f"inverting {' and '.join('AB'[s] for s in sides)}")
+                                      torch.cat([embeds[s] for s in sides]), adapters, schedule, progress=progress,
+                                      desc=f"inverting {' and '.join('AB'[s] for s in sides)}", inversion=inversion,
+                                      guidance=settings.guidance, negative=negative)
         for (side, key), noise in zip(due, inverted.split(1)):
             store.put("inversion", key, {"noise": noise})
             noises[side] = noise

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from ..inversion import eps_model, invert_ddim, sample_ddim
+from ..inversion import Inversion, eps_model, invert_latents, sample_ddim
 from ..lora import adapter_weights, one_hot_weights
 from ..lora_blend import lora_blend as blend_loras
 from .attention import AttentionStore, _AttentionRun, interpolated_self_attention
@@ -33,6 +33,7 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
     sample inside one batch. The end frames (α = 0 or 1) render first. With `attention` (an
     `AttentionStore`), the in-between frames' self-attention in the up blocks interpolates the ends' for
     the store's first steps; frames whose ends are not among `alphas` read the ends from the store.
+    `adapters`: the two adapters blended; empty for no LoRA at all (a tuning-free morph).
     Returns clean latents (F, 4, h, w) in the order of `alphas`.
     """
     unet, device = pipe.unet, pipe.unet.device
@@ -51,7 +52,7 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
             neg = None if negative is None else negative.expand(len(chunk), -1, -1).to(device)
             if run is not None:
                 run.set_batch(chunk, groups, device)
-            with blend_loras(unet, adapters, weights, blend):
+            with blend_loras(unet, adapters, weights, blend) if adapters else adapter_weights(unet, {}):
                 model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
                                   pipe.scheduler.alphas_cumprod)
                 if run is not None:
@@ -75,14 +76,27 @@ def _tracking_steps(model, run: _AttentionRun, step_of: dict):
     return tracked
 
 
-@torch.no_grad()
-def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor, adapters: list[str], schedule,
-                       progress: bool = False, desc: str = "inverting") -> torch.Tensor:
-    """DDIM-invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone and its
-    own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls."""
-    unet = pipe.unet
-    with adapter_weights(unet, one_hot_weights(adapters, unet.device)):
-        model = eps_model(unet, embeds, prediction_type=pipe.scheduler.config.prediction_type,
-                          alphas_cumprod=pipe.scheduler.alphas_cumprod)
-        return invert_ddim(model, latents, schedule, disable=not progress, desc=desc)
+def sample_weights(adapters: list[str | None], device, groups: int = 1) -> dict[str, torch.Tensor]:
+    """Per-sample adapter weights that run sample i under adapter `adapters[i]` alone (None: the base model
+    alone), for a batch repeated `groups` times (2 with classifier-free guidance)."""
+    weights = one_hot_weights([a for a in adapters], device)
+    return {name: w.repeat(groups) for name, w in weights.items() if name is not None}
 
+
+@torch.no_grad()
+def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor, adapters: list[str | None], schedule,
+                       progress: bool = False, desc: str = "inverting", *, inversion: Inversion = Inversion(),
+                       guidance: float = 1.0, negative: torch.Tensor | None = None) -> torch.Tensor:
+    """Invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone (None: no LoRA) and
+    its own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls.
+
+    With `guidance` above 1 the inversion uses the guided ε against `negative` (one embedding, shared), the
+    same ε that rendering samples with, so that sampling maps the noise back onto the latent.
+    """
+    unet = pipe.unet
+    groups = 1 if guidance == 1.0 else 2
+    neg = None if negative is None else negative.expand(len(latents), -1, -1)
+    with adapter_weights(unet, sample_weights(adapters, unet.device, groups)):
+        model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
+                          pipe.scheduler.alphas_cumprod)
+        return invert_latents(model, latents, schedule, inversion, disable=not progress, desc=desc)

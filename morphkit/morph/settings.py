@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..export import FORMATS
 from ..images import check_resolution
-from ..inversion import check_steps
+from ..inversion import DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, Inversion, check_steps
 from ..lora_blend import check_blend_mode
 from ..models import DEFAULT_MODEL
 
@@ -70,6 +70,11 @@ class MorphSettings:
     lora_steps: int = prepare(200)
     lora_lr: float = prepare(2e-4)
     fit_together: bool = prepare(True)
+    tuning_free: bool = prepare(False)  # no LoRA at all: the base model, with exact inversion keeping the ends
+    inversion: str = prepare("fixed-point")
+    inversion_iterations: int = prepare(DEFAULT_ITERATIONS)
+    inversion_tolerance: float = prepare(DEFAULT_TOLERANCE)
+    fp32_ends: bool = prepare(True)  # inversion and end frames in fp32 when the model runs in fp16 / bf16
     cache: bool = prepare(True)
     cache_dir: str | None = prepare(None)
     device: str | None = prepare(None)
@@ -137,6 +142,10 @@ class MorphSettings:
                 self.prompt if self.prompt_b is None else self.prompt_b)
 
     @property
+    def inversion_method(self) -> Inversion:
+        return Inversion(self.inversion, self.inversion_iterations, self.inversion_tolerance)
+
+    @property
     def frame_duration(self) -> int:
         """Milliseconds per frame of the GIF and MP4."""
         return round(1000 / self.fps) if self.frame_duration_ms is None else self.frame_duration_ms
@@ -169,7 +178,10 @@ class MorphSettings:
         _integer(self.lora_rank, "lora-rank", 1, 1024)
         _integer(self.lora_steps, "lora-steps", 1, 100_000)
         _number(self.lora_lr, "lora-lr", low=0, low_open=True, high=1.0)
-        for name in ("fit_together", "cache", "allow_pickle"):
+        self.inversion_method.check()
+        _need(not (self.tuning_free and (self.lora_a or self.lora_b)),
+              "--tuning-free morphs without any LoRA, but --lora-a or --lora-b gives one: choose one of the two.")
+        for name in ("fit_together", "tuning_free", "fp32_ends", "cache", "allow_pickle"):
             _need(isinstance(getattr(self, name), bool), f"{name} must be true or false; got {getattr(self, name)!r}.")
         if self.cache and self.cache_dir is not None and Path(self.cache_dir).exists():
             _need(Path(self.cache_dir).is_dir(), f"The cache folder {self.cache_dir} (--cache-dir) is a file.")
