@@ -45,7 +45,7 @@ def server(tmp_path_factory):
                GRADIO_ANALYTICS_ENABLED="False", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="2")
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "ui", "--model", "tiny", "--port", str(port),
-                             "--lora-dir", str(tmp / "loras"), "--device", "cpu"],
+                             "--lora-dir", str(tmp / "loras"), "--device", "cpu", "--max-upload-mb", "1"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180  # imports and the model: seconds alone, minutes on a busy machine
@@ -159,6 +159,9 @@ def test_morph_prepare_render_rerender_cancel_and_bad_uploads(page, tmp_path):
     Image.new("RGB", (5000, 4000), (90, 120, 200)).save(huge)
     page.locator("#image_b input[type=file]").set_input_files(str(huge))
     expect(status).to_have_value(re.compile(r"huge\.png is 5000x4000 pixels, more than this page accepts"))
+
+    big = {"name": "big.png", "mimeType": "image/png", "buffer": os.urandom(1_200_000)}  # over --max-upload-mb 1
+    assert page.request.post(page.url + "gradio_api/upload", multipart={"files": big}).status == 413
 
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes(a.read_bytes()[:200])  # a PNG cut off after its header
