@@ -18,14 +18,17 @@ PICKLE_HELP = ("Allow a pickled .ckpt/.pt/.bin --model (loaded with weights_only
 
 
 def morph(
-    image_a: Path = typer.Argument(..., help="The first image (sets the frame size)."),
-    image_b: Path = typer.Argument(..., help="The second image (scaled to cover A's frame, aspect kept, center-cropped)."),
+    images: list[Path] = typer.Argument(..., help=(
+        "Two or more images (keyframes), morphed in order into one continuous morph. The first sets the frame "
+        "size; the others are scaled to cover it (aspect kept) and center-cropped.")),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file with any of these settings (keys as the option names, '_' or '-'); flags override it."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt for both images. [default: empty]"),
     prompt_a: Optional[str] = typer.Option(None, "--prompt-a", help="Prompt for image A (overrides --prompt)."),
     prompt_b: Optional[str] = typer.Option(None, "--prompt-b", help="Prompt for image B (overrides --prompt)."),
+    prompt_for: Optional[list[str]] = typer.Option(None, "--prompt-for", help="The prompt of one image: give it once per image, in order (a config file's prompts = [...])."),
+    loop: Optional[bool] = typer.Option(None, "--loop/--no-loop", help="Close the chain: morph from the last image back to the first, so that the GIF and MP4 loop seamlessly. [default: off]"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [default: stable-diffusion-v1-5/stable-diffusion-v1-5]"),
-    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames from A to B, both ends included (at least 2). [default: 16]"),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Frames in all, every image's included (at least 2, and one per image); a chain shares them out by each segment's perceptual length. [default: 16]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="DDIM steps for inversion and rendering. [default: 50]"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance. 1 (DiffMorpher's default) keeps the ends faithful. [default: 1]"),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt (only used when --guidance is not 1)."),
@@ -41,7 +44,7 @@ def morph(
     formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: gif, mp4, png (frame folder). [default: gif,mp4,png]"),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frames per second of the GIF and MP4. [default: 10]"),
     frame_duration: Optional[int] = typer.Option(None, "--frame-duration", help="Milliseconds per frame (instead of --fps)."),
-    loop: Optional[int] = typer.Option(None, "--loop", help="GIF loop count; 0 loops forever. [default: 0]"),
+    gif_loops: Optional[int] = typer.Option(None, "--gif-loops", help="How often the GIF plays; 0 repeats forever. (Before 0.2 this was --loop.) [default: 0]"),
     back_and_forth: Optional[bool] = typer.Option(None, "--back-and-forth/--one-way", help="Play A to B and back in the GIF and MP4. [default: one way]"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Reuse fitted LoRAs and inversions from earlier runs (keyed by image content and settings). [default: on]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the cache lives. [default: $MORPHKIT_CACHE/morph or ~/.cache/morphkit/morph]"),
@@ -95,20 +98,25 @@ def morph(
     fp32_ends: Optional[bool] = typer.Option(None, "--fp32-ends/--no-fp32-ends", help="On a model in fp16/bf16, invert and render the end frames in fp32 (the other frames stay in the model's precision). [default: on]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
-    """Morph image A into image B: a LoRA per image, DDIM inversion, slerp and blended adapters.
+    """Morph image A into image B (and on through C, D, ...): a LoRA per image, DDIM inversion, slerp and
+    blended adapters.
 
     With DiffMorpher's refinements: self-attention interpolation, AdaIN and even pacing (see the options).
+    A chain of three or more images is one continuous morph: each image is one frame, the frames go to the
+    segments by their perceptual length, and --loop closes it back to the first image.
     Writes morph.gif, morph.mp4 and frames/frame_NNN.png into the output folder.
     """
     import morphkit
 
+    check_images(images)
     if formats is not None and not [f for f in formats.split(",") if f.strip()]:
         fail("--formats is empty: name at least one of gif, mp4, png.", 2)
     options = dict(
         prompt=prompt, prompt_a=prompt_a, prompt_b=prompt_b, model=model, frames=frames, steps=steps,
         guidance=guidance, negative_prompt=negative_prompt, seed=seed, lora_a=lora_a, lora_b=lora_b,
         lora_rank=lora_rank, lora_steps=lora_steps, lora_lr=lora_lr, resolution=resolution, batch_size=batch_size,
-        output_dir=output_dir, formats=formats, fps=fps, frame_duration_ms=frame_duration, loop=loop,
+        output_dir=output_dir, formats=formats, fps=fps, frame_duration_ms=frame_duration, gif_loops=gif_loops,
+        prompt_for=prompt_for or None, loop=loop,
         back_and_forth=back_and_forth, cache=cache, cache_dir=cache_dir, overwrite=overwrite, device=device,
         dtype=dtype, allow_pickle=allow_pickle, attn_lambda=attn_lambda, adain=adain, pacing=pacing,
         distance=distance, lora_blend=lora_blend, compile_unet=compile_unet, tuning_free=tuning_free,
@@ -116,13 +124,26 @@ def morph(
         fp32_ends=fp32_ends,
     )
     settings = call(morphkit.MorphSettings.resolve, config, **options)
-    result = call(morphkit.morph, image_a, image_b, settings, progress=not quiet)
+    result = call(morphkit.morph_chain, images, settings, progress=not quiet)
     print_summary(result, settings.steps)
+
+
+def check_images(images: list[Path]) -> None:
+    """Two or more images; a number where an image should be is most likely the GIF loop count of before."""
+    numbers = [str(i) for i in images if str(i).isdigit() and not i.exists()]
+    if numbers:
+        fail(f"{numbers[0]} is not an image. --loop is a switch now (it closes a chain back to its first image); "
+             f"the GIF's loop count is --gif-loops {numbers[0]}.", 2)
+    if len(images) < 2:
+        fail(f"A morph needs two or more images; got {len(images)}.", 2)
 
 
 def print_summary(result, steps: int) -> None:
     cached = [k for k, hit in result.cache_hits.items() if hit]
     typer.echo(f"Morphed {len(result.frames)} frames of {result.frames[0].width}x{result.frames[0].height}.")
+    if len(result.keyframes) > 2 or len(result.segments) > 1:
+        typer.echo(f"Chain: keyframes at frames {', '.join(map(str, result.keyframes))}; steps per segment "
+                   f"{', '.join(map(str, result.segments))} (shared out by perceptual length).")
     for line in morph_report(result, steps):
         typer.echo(line)
     typer.echo("Time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.timings.items())

@@ -7,7 +7,8 @@ from .images import load_image  # noqa: E402
 from .inversion import InversionResult, invert  # noqa: E402
 from .metrics import EvalResult, evaluate  # noqa: E402
 from .models import load_controlnet, load_pipeline  # noqa: E402
-from .morph import MorphResult, MorphSettings, PreparedPair, export_morph, morph, prepare_pair, render_morph  # noqa: E402
+from .morph import (MorphResult, MorphSettings, PreparedKeyframes, PreparedPair, export_morph, morph,  # noqa: E402
+                    morph_chain, prepare_keyframes, prepare_pair, render_chain, render_morph)
 from .stylize import Stylized, StylizeResult, stylize  # noqa: E402
 from .train import TrainResult, TrainSettings, train_lora  # noqa: E402
 
@@ -23,6 +24,7 @@ __all__ = [
     "InversionResult",
     "MorphResult",
     "MorphSettings",
+    "PreparedKeyframes",
     "PreparedPair",
     "Stylized",
     "StylizeResult",
@@ -34,6 +36,9 @@ __all__ = [
     "invert",
     "load_pipeline",
     "morph",
+    "morph_chain",
+    "prepare_keyframes",
+    "render_chain",
     "prepare_pair",
     "render_morph",
     "export_morph",

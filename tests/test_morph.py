@@ -406,7 +406,7 @@ def test_cli_morph_and_its_bad_inputs(pair, tmp_path):
         (["morph", *pair, "-o", tmp_path / "u", *common, "--formats", ""], "--formats is empty"),
         (["morph", *pair, "-o", tmp_path / "t", *common, "--fps", "5000"], "fps"),
         (["morph", *pair, "-o", tmp_path / "s", *common, "--steps", "2000"], "steps"),
-        (["morph", *pair, "-o", tmp_path / "r", *common, "--loop", "-1"], "loop"),
+        (["morph", *pair, "-o", tmp_path / "r", *common, "--gif-loops", "-1"], "gif-loops"),
         (["morph", *pair, "-o", tmp_path / "q", *common, "--resolution", "0"], "resolution"),
         (["morph", *pair, "-o", tmp_path / "p", *common, "--resolution", "4096"], "resolution"),
         (["morph", *pair, "-o", tmp_path / "n", *common, "--cache-dir", pair[0]], "is a file"),

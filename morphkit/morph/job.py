@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 
 from ..errors import OutputExistsError
-from ..export import boomerang, save_frames, save_gif, save_mp4
+from ..export import estimate_bytes, plan_outputs, write_outputs
 from ..images import to_pil
 from ..lora_blend import factor_layers
 from ..models import compiled, decode_latents, module_precision, stage_precision
 from ..progress import tqdm
-from ..stages import Stages
+from ..stages import Stages, check_finite
 from .attention import AttentionStore, attention_steps
 from .interpolation import alpha_schedule, even_alphas, moved_frames
 from .pair import PreparedPair, check_pair, prepare_pair
@@ -47,6 +47,8 @@ class Rendered:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
     precisions: dict[str, str] = field(default_factory=dict)  # end frames, in-between frames
+    keyframes: list[int] = field(default_factory=list)  # the index of each keyframe's frame (a pair: first, last)
+    segments: list[int] = field(default_factory=list)  # each segment's steps (frame-to-frame gaps)
 
 
 @dataclass
@@ -67,6 +69,8 @@ class MorphResult:
     distances: list[float] = field(default_factory=list)  # neighbour distances of the frames returned (even pacing)
     precisions: dict[str, str] = field(default_factory=dict)  # the precision each stage ran in
     inversion: str = ""  # how the images were inverted, in words
+    keyframes: list[int] = field(default_factory=list)  # the index of each keyframe's frame (a pair: first, last)
+    segments: list[int] = field(default_factory=list)  # each segment's steps (a chain's frames went by length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def _render_decode(prepared: PreparedPair, alphas: torch.Tensor, settings: Morph
     latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, p.schedule,
                             p.settings.guidance, p.negative, settings.batch_size, p.adapters, progress=bar,
                             adain=settings.adain, blend=settings.lora_blend, attention=attention)
-    return to_pil(decode_latents(p.pipe, latents))
+    return to_pil(check_finite(decode_latents(p.pipe, check_finite(latents, "rendering")), "decoding"))
 
 
 def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, *, progress: bool = True) -> Rendered:
@@ -145,9 +149,14 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
     rendered.attention_steps = attention.steps if attention is not None else 0
     rendered.attention_bytes = attention.peak_bytes if attention is not None else 0
     rendered.timings, rendered.peak_memory = stages.seconds, stages.peak_bytes
-    own = module_precision(unet)
-    rendered.precisions = {"end frames": "fp32" if exact_ends_apart(prepared) else own, "in-between frames": own}
+    rendered.precisions = render_precisions(prepared)
+    rendered.keyframes, rendered.segments = [0, len(rendered.frames) - 1], [len(rendered.frames) - 1]
     return rendered
+
+
+def render_precisions(prepared: PreparedPair) -> dict[str, str]:
+    own = module_precision(prepared.pipe.unet)
+    return {"end frames": "fp32" if exact_ends_apart(prepared) else own, "in-between frames": own}
 
 
 def pace(prepared: PreparedPair, rendered: Rendered, settings: MorphSettings, distance,
@@ -181,25 +190,24 @@ def pace(prepared: PreparedPair, rendered: Rendered, settings: MorphSettings, di
 # files
 
 
-def output_folder(image_a, image_b, settings: MorphSettings) -> Path | None:
-    """Where the morph's files go, checked before any work: None when no format is asked for."""
+def output_folder(images: list, settings: MorphSettings) -> Path | None:
+    """Where the morph's files go (by default `outputs/morph/<the images' names, joined by ->`), checked before
+    any work: None when no format is asked for."""
     if not settings.formats:
         return None
-    if settings.output_dir is None and not all(isinstance(i, (str, Path)) for i in (image_a, image_b)):
+    if settings.output_dir is None and not all(isinstance(i, (str, Path)) for i in images):
         raise OutputExistsError("Images given as pictures, not files, have no names to make a folder from: "
                                 "give an --output-dir.")
-    out = Path(settings.output_dir or Path("outputs") / "morph" / f"{Path(image_a).stem}-{Path(image_b).stem}")
+    out = Path(settings.output_dir or Path("outputs") / "morph" / "-".join(Path(i).stem for i in images))
     check_output_folder(out, settings)
     return out
 
 
 def check_output_folder(out: Path, settings: MorphSettings) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"The output folder {out} is a file. Choose another --output-dir.")
-    targets = morph_files(out)
-    if (taken := [str(targets[f]) for f in settings.formats if targets[f].exists()]) and not settings.overwrite:
-        raise OutputExistsError(f"{out} already holds a morph ({', '.join(taken)}). Pass --overwrite to replace "
-                                "it, or choose another --output-dir.")
+    """The whole output plan, before any work: writable, room enough, and only morphkit's files to replace."""
+    pixels = (settings.resolution or 512) ** 2
+    plan_outputs(out, settings.formats, settings.overwrite,
+                 estimate_bytes(settings.formats, settings.frames * (2 if settings.back_and_forth else 1), pixels))
 
 
 def morph_files(out: Path) -> dict[str, Path]:
@@ -208,19 +216,14 @@ def morph_files(out: Path) -> dict[str, Path]:
 
 def export_morph(frames: list[Image.Image], settings: MorphSettings, output_dir: str | Path,
                  overwrite: bool | None = None) -> dict[str, Path]:
-    """Write the frames as each of `settings.formats` into `output_dir`; returns {format: path}."""
-    out = Path(output_dir)
+    """Write the frames as each of `settings.formats` into `output_dir`; returns {format: path}.
+
+    Each file is written to a temporary name, checked complete and renamed; the folder is locked meanwhile,
+    and only what morphkit wrote there (its manifest) is replaced.
+    """
     overwrite = settings.overwrite if overwrite is None else overwrite
-    targets, paths = morph_files(out), {}
-    sequence = boomerang(frames) if settings.back_and_forth else frames
-    duration = settings.frame_duration
-    if "gif" in settings.formats:
-        paths["gif"] = save_gif(sequence, targets["gif"], duration, settings.loop, overwrite=overwrite)
-    if "mp4" in settings.formats:
-        paths["mp4"] = save_mp4(sequence, targets["mp4"], 1000 / duration, overwrite=overwrite)
-    if "png" in settings.formats:
-        paths["png"] = save_frames(frames, targets["png"], overwrite=overwrite)
-    return paths
+    return write_outputs(output_dir, frames, settings.formats, settings.frame_duration, settings.gif_loops,
+                         settings.back_and_forth, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,17 +237,21 @@ def morph(image_a, image_b, settings: MorphSettings | None = None, *, config=Non
     Settings come from `settings` (a `MorphSettings`), then a `config` file (JSON or TOML), then keyword
     `options` named as the fields of `MorphSettings` (`frames=24, attn_lambda=0.6, ...`). Images are paths or
     PIL images; see `prepare_pair` for how they are sized. The stages, each callable alone: `prepare_pair`,
-    `render_morph` (with `pace`), `export_morph`.
+    `render_morph` (with `pace`), `export_morph`. With `loop`, A to B and back to A (see `morph_chain`).
     """
     from ..metrics import get_distance
     from ..models import resolve_device
 
     # 1. settings, inputs and outputs: everything that can be checked before the model loads
     settings = MorphSettings.resolve(config, base=settings, **options)
+    if settings.loop:
+        from .chain import morph_chain
+
+        return morph_chain([image_a, image_b], settings, pipe=pipe, progress=progress)
     originals = check_pair(image_a, image_b, settings)
     if settings.paced:  # a distance asked for by name that cannot run here fails now, not after the fit
         get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
-    out = output_folder(image_a, image_b, settings)
+    out = output_folder([image_a, image_b], settings)
 
     # 2. the pair: LoRAs and inversions (from the cache where it has them)
     prepared = prepare_pair(image_a, image_b, settings, pipe=pipe, progress=progress, originals=originals)
@@ -262,4 +269,5 @@ def morph(image_a, image_b, settings: MorphSettings | None = None, *, config=Non
                        {**prepared.peak_memory, **rendered.peak_memory, **stages.peak_bytes},
                        rendered.attention_steps, rendered.attention_bytes, settings.pacing, rendered.distance,
                        rendered.rerendered, rendered.first_distances, rendered.distances,
-                       {**prepared.precisions, **rendered.precisions}, settings.inversion_method.describe())
+                       {**prepared.precisions, **rendered.precisions}, settings.inversion_method.describe(),
+                       rendered.keyframes, rendered.segments)

@@ -1,15 +1,17 @@
-"""Preparing a pair: everything a morph needs before its first frame, done once and rendered from many times.
+"""Preparing keyframes: everything a morph needs before its first frame, done once and rendered from many times.
 
-    image A, B ─► one frame size ─► latents, prompt embeddings
+    images A, B (, C, ...) ─► one frame size ─► latents, prompt embeddings
               ─► one LoRA per image (given, cached or fitted) ─► each image inverted under its own LoRA ─► noises
 
-`prepare_pair` returns a `PreparedPair` that holds all of it (and the pipeline, with the two adapters on its
-UNet); `render_morph` draws frames from it as often as the caller likes, with any render settings.
+`prepare_keyframes` returns a `PreparedKeyframes` that holds all of it (and the pipeline, with one adapter per
+image on its UNet: img0, img1, ...); `segment(i, j)` is the `PreparedPair` of two of them, which `render_morph`
+draws frames from as often as the caller likes. `prepare_pair` is the same for two images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,20 +23,24 @@ from ..cache import TensorCache, cache_key, model_fingerprint
 from ..errors import ConfigError
 from ..images import cover_resize, open_image, resize_to_policy
 from ..inversion import DDIMSchedule, ddim_schedule
-from ..io import sha256_file
+from ..io import check_regular_file, sha256_file
 from ..lora import adapter_metadata, load_lora, lora_state_dict, save_lora
-from ..models import encode_image, encode_prompt, load_pipeline, module_precision, resolve_device, stage_precision
+from ..lora_files import read_lora_file
+from ..models import PICKLE_SUFFIXES, encode_image, encode_prompt, load_pipeline, module_precision, resolve_device, stage_precision
 from ..stages import Stages
 from .sampling import ADAPTERS, invert_under_loras
 from .settings import MorphSettings
+
+KEYFRAME_ADAPTER = re.compile(r"img\d+")  # the adapters a preparation puts on the UNet (and the next one removes)
 
 
 @dataclass
 class PreparedPair:
     """A pair ready to render: sized images, latents, prompt embeddings, adapters on the UNet, inverted noises.
 
-    The adapters `ADAPTERS` ("img0", "img1") live on `pipe.unet`: preparing another pair on the same pipeline
-    replaces them, after which this one must be prepared again.
+    Its two adapters (`adapter_names`, "img0" and "img1" for a pair; neighbouring keyframes' in a chain) live
+    on `pipe.unet`: preparing other images on the same pipeline replaces them, after which this pair must be
+    prepared again.
     """
 
     pipe: object
@@ -49,15 +55,65 @@ class PreparedPair:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
     precisions: dict[str, str] = field(default_factory=dict)  # the precision each stage ran in: fit, invert
+    adapter_names: tuple[str, str] = ADAPTERS  # the adapters of its two images on the UNet
 
     @property
     def adapters(self) -> tuple[str, ...]:
         """The two adapters the frames blend; none in a tuning-free morph."""
-        return () if self.settings.tuning_free else ADAPTERS
+        return () if self.settings.tuning_free else self.adapter_names
 
     def matches(self, settings: MorphSettings) -> bool:
         """True when `settings` differ from the prepared ones only in render or export settings."""
         return settings.group("prepare") == self.settings.group("prepare")
+
+
+@dataclass
+class PreparedKeyframes:
+    """Two or more keyframes ready to render, as `PreparedPair` holds two: adapter i ("img<i>") is image i's."""
+
+    pipe: object
+    settings: MorphSettings
+    images: tuple[Image.Image, ...]
+    latents: list[torch.Tensor]
+    embeds: list[torch.Tensor]
+    negative: torch.Tensor | None
+    noises: list[torch.Tensor]
+    schedule: DDIMSchedule
+    hits: dict[str, bool] = field(default_factory=dict)  # lora_<label>, inversion_<label>: a, b for a pair; 1, 2, ...
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    precisions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return () if self.settings.tuning_free else keyframe_adapters(len(self.images))
+
+    def matches(self, settings: MorphSettings) -> bool:
+        return settings.group("prepare") == self.settings.group("prepare")
+
+    def segment(self, i: int, j: int | None = None) -> PreparedPair:
+        """Keyframes i and j (default: the next one, the first after the last) as a pair to render."""
+        j = (i + 1) % len(self.images) if j is None else j
+        names = keyframe_adapters(len(self.images))
+        return PreparedPair(self.pipe, self.settings, (self.images[i], self.images[j]),
+                            [self.latents[i], self.latents[j]], [self.embeds[i], self.embeds[j]], self.negative,
+                            [self.noises[i], self.noises[j]], self.schedule, self.hits, self.timings,
+                            self.peak_memory, self.precisions, (names[i], names[j]))
+
+    def segments(self, loop: bool = False) -> list[PreparedPair]:
+        """The chain's segments in order: keyframe 0 to 1, 1 to 2, ... and, with `loop`, the last back to 0."""
+        return [self.segment(i) for i in range(len(self.images) if loop else len(self.images) - 1)]
+
+
+def keyframe_adapters(count: int) -> tuple[str, ...]:
+    """The adapter names of `count` keyframes: img0, img1, ... (not "a"/"b": diffusers matches adapter names as
+    substrings of module keys)."""
+    return tuple(f"img{i}" for i in range(count))
+
+
+def keyframe_labels(count: int) -> tuple[str, ...]:
+    """How messages and cache-hit keys name the keyframes: A and B for a pair, 1, 2, 3, ... for a chain."""
+    return ("a", "b") if count == 2 else tuple(str(i + 1) for i in range(count))
 
 
 def image_key(img: Image.Image) -> str:
@@ -65,14 +121,31 @@ def image_key(img: Image.Image) -> str:
     return hashlib.sha256(np.asarray(img).tobytes() + repr(img.size).encode()).hexdigest()[:24]
 
 
+def check_keyframes(images, settings: MorphSettings) -> list[Image.Image]:
+    """Check the inputs that can be checked without a model; return the images, opened."""
+    settings.validate()
+    if len(images) < 2:
+        raise ConfigError(f"A morph needs two or more images; got {len(images)}.")
+    settings.keyframe_prompts(len(images))  # one prompt per keyframe, or a clear message
+    if len(images) > 2 and (settings.lora_a or settings.lora_b):
+        raise ConfigError("--lora-a and --lora-b give the LoRAs of a two-image morph; a chain fits one LoRA per "
+                          "keyframe (each cached). Leave them out, or morph two images.")
+    originals = [open_image(image) for image in images]
+    for option, lora in (("--lora-a", settings.lora_a), ("--lora-b", settings.lora_b)):
+        if lora is not None:
+            check_regular_file(lora, f"LoRA file ({option})")
+            if Path(lora).suffix.lower() in PICKLE_SUFFIXES:  # morph's --allow-pickle is for --model only
+                raise ConfigError(f"The LoRA file {lora} ({option}) is a pickle, and morph reads LoRA files as "
+                                  ".safetensors only (unpickling can run code). Convert it where you trust it: "
+                                  "morphkit lora convert FILE OUT.safetensors --allow-pickle.")
+    if settings.cache:  # an unwritable --cache-dir is found now, not after the fit
+        TensorCache.default(settings.cache, settings.cache_dir).check_writable()
+    return originals
+
+
 def check_pair(image_a, image_b, settings: MorphSettings) -> list[Image.Image]:
     """Check the inputs that can be checked without a model; return the two images, opened."""
-    settings.validate()
-    originals = [open_image(image_a), open_image(image_b)]
-    for option, lora in (("--lora-a", settings.lora_a), ("--lora-b", settings.lora_b)):
-        if lora is not None and not Path(lora).is_file():
-            raise ConfigError(f"The LoRA file {lora} ({option}) does not exist.")
-    return originals
+    return check_keyframes([image_a, image_b], settings)
 
 
 def prepare_pair(image_a, image_b, settings: MorphSettings | None = None, *, pipe=None, progress: bool = True,
@@ -83,9 +156,20 @@ def prepare_pair(image_a, image_b, settings: MorphSettings | None = None, *, pip
     `settings.resolution`); B is scaled to cover that frame, aspect ratio kept, and center-cropped.
     `pipe`: a loaded pipeline to reuse (otherwise `settings.model` is loaded).
     """
+    return prepare_keyframes([image_a, image_b], settings, pipe=pipe, progress=progress, originals=originals).segment(0)
+
+
+def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=None, progress: bool = True,
+                      originals: list[Image.Image] | None = None) -> PreparedKeyframes:
+    """Prepare two or more images (paths or PIL images) for morphing: one LoRA and one inversion each.
+
+    The first image sets the frame (the size policy of `morphkit.images` at `settings.resolution`); each other
+    one is scaled to cover that frame, aspect ratio kept, and center-cropped. Prompts per image come from
+    `settings.keyframe_prompts`. `pipe`: a loaded pipeline to reuse (otherwise `settings.model` is loaded).
+    """
     settings = settings or MorphSettings()
     # 1. check the inputs before anything heavy
-    originals = originals or check_pair(image_a, image_b, settings)
+    originals = originals or check_keyframes(images, settings)
     stages = Stages(pipe.unet.device if pipe is not None else resolve_device(settings.device))
     stages.begin()
 
@@ -94,16 +178,14 @@ def prepare_pair(image_a, image_b, settings: MorphSettings | None = None, *, pip
     if pipe is None:
         pipe = load_pipeline(settings.model, device=settings.device, dtype=settings.dtype,
                              allow_pickle=settings.allow_pickle)
-    for name in ADAPTERS:
-        if name in getattr(pipe.unet, "peft_config", {}):
+    for name in list(getattr(pipe.unet, "peft_config", {})):
+        if KEYFRAME_ADAPTER.fullmatch(name):  # an earlier preparation's
             pipe.unet.delete_adapters(name)
-    images = frame_images(originals, settings.resolution or 8 * pipe.unet.config.sample_size)
-    keys = [image_key(img) for img in images]
-    prompts = settings.prompts
-    if keys[0] == keys[1] and prompts[0] == prompts[1] and settings.lora_a == settings.lora_b:
-        raise ConfigError("Both inputs are the same image with the same prompt: there is nothing to morph. Give "
-                          "two different images, or the same image with --prompt-a and --prompt-b.")
-    latents = [encode_image(pipe, img) for img in images]
+    sized = frame_images(originals, settings.resolution or 8 * pipe.unet.config.sample_size)
+    keys = [image_key(img) for img in sized]
+    prompts = settings.keyframe_prompts(len(sized))
+    check_distinct(keys, prompts, settings)
+    latents = [encode_image(pipe, img) for img in sized]
     embeds = [encode_prompt(pipe, p) for p in prompts]
     negative = encode_prompt(pipe, settings.negative_prompt) if settings.guidance != 1.0 else None
     store, fingerprint = pair_cache(settings, pipe, given_pipe is not None)
@@ -112,31 +194,49 @@ def prepare_pair(image_a, image_b, settings: MorphSettings | None = None, *, pip
     # 3. one LoRA per image: given, cached, or fitted now (none in a tuning-free morph)
     hits: dict[str, bool] = {}
     precisions = {} if settings.tuning_free else {"fit": module_precision(pipe.unet)}
-    lora_ids = (["none", "none"] if settings.tuning_free else
+    lora_ids = (["none"] * len(sized) if settings.tuning_free else
                 attach_loras(pipe, settings, keys, latents, embeds, store, fingerprint, hits, progress))
     stages.end("fit")
 
-    # 4. each image inverted under its own LoRA and prompt (exactly, in fp32); both in one batch when both are due
+    # 4. each image inverted under its own LoRA and prompt (exactly, in fp32), several in one batch
     schedule = ddim_schedule(pipe.scheduler.config, settings.steps)
     with stage_precision(pipe.unet, enabled=settings.fp32_ends) as precisions["invert"]:
-        noises = invert_pair(pipe, settings, keys, lora_ids, latents, embeds, negative, schedule, store,
-                             fingerprint, hits, progress)
+        noises = invert_keyframes(pipe, settings, keys, lora_ids, latents, embeds, negative, schedule, store,
+                                  fingerprint, hits, progress)
     stages.end("invert")
-    return PreparedPair(pipe, settings, tuple(images), latents, embeds, negative, noises, schedule, hits,
-                        stages.seconds, stages.peak_bytes, precisions)
+    return PreparedKeyframes(pipe, settings, tuple(sized), latents, embeds, negative, noises, schedule, hits,
+                             stages.seconds, stages.peak_bytes, precisions)
+
+
+def check_distinct(keys: list[str], prompts: list[str], settings: MorphSettings) -> None:
+    """Refuse neighbouring keyframes that are the same image with the same prompt (and LoRA): nothing to morph."""
+    if len(keys) == 2:
+        if keys[0] == keys[1] and prompts[0] == prompts[1] and settings.lora_a == settings.lora_b:
+            raise ConfigError("Both inputs are the same image with the same prompt: there is nothing to morph. Give "
+                              "two different images, or the same image with --prompt-a and --prompt-b.")
+        return
+    pairs = list(zip(range(len(keys)), range(1, len(keys)))) + ([(len(keys) - 1, 0)] if settings.loop else [])
+    for i, j in pairs:
+        if keys[i] == keys[j] and prompts[i] == prompts[j]:
+            raise ConfigError(f"Keyframes {i + 1} and {j + 1} are the same image with the same prompt: there is "
+                              "nothing to morph between them. Remove one, or give them different prompts with "
+                              "--prompt-for.")
 
 
 def frame_images(originals: list[Image.Image], resolution: int) -> list[Image.Image]:
-    """A sized by the size policy; B scaled to cover A's frame and center-cropped."""
-    img_a = resize_to_policy(originals[0], resolution)
-    return [img_a, cover_resize(originals[1], img_a.size)]
+    """The first image sized by the size policy; each other one scaled to cover its frame and center-cropped."""
+    first = resize_to_policy(originals[0], resolution)
+    return [first] + [cover_resize(img, first.size) for img in originals[1:]]
 
 
 def pair_cache(settings: MorphSettings, pipe, given_pipe: bool) -> tuple[TensorCache, str]:
     """The cache and what its keys call "the model": the pipeline actually used, and its dtype (a bf16 LoRA or
-    noise is not an fp32 one). A pipeline built in memory has no name to key on, so nothing of it is cached."""
+    noise is not an fp32 one). A pipeline built in memory has no name to key on, so nothing of it is cached.
+    A pipeline loaded by name (`morphkit_model`, as `morphkit batch` loads it) is keyed by that name."""
     store = TensorCache.default(settings.cache, settings.cache_dir)
-    source = getattr(pipe, "name_or_path", None) if given_pipe else settings.model
+    source = settings.model
+    if given_pipe:
+        source = getattr(pipe, "morphkit_model", None) or getattr(pipe, "name_or_path", None)
     if source is None:
         store = TensorCache(None)
     return store, f"{model_fingerprint(str(source))}:{pipe.unet.dtype}"
@@ -144,77 +244,103 @@ def pair_cache(settings: MorphSettings, pipe, given_pipe: bool) -> tuple[TensorC
 
 def attach_loras(pipe, settings: MorphSettings, keys, latents, embeds, store: TensorCache, fingerprint: str,
                  hits: dict, progress: bool) -> list[str]:
-    """Put adapter `ADAPTERS[i]` on the UNet for image i: the given file, the cached fit, or a new fit.
+    """Put adapter "img<i>" on the UNet for image i: the given file, the cached fit, or a new fit.
 
-    Returns an id per side for the inversion's cache key (the file's hash, or the fit's cache key).
+    The LoRAs due are fitted two at a time (one batch of two per step, as a pair's are). Returns an id per image
+    for the inversion's cache key (the file's hash, or the fit's cache key).
     """
     from .. import train  # looked up at call time: tests replace train.fit_lora
 
-    unet, prompts = pipe.unet, settings.prompts
+    unet, prompts = pipe.unet, settings.keyframe_prompts(len(keys))
+    names, labels = keyframe_adapters(len(keys)), keyframe_labels(len(keys))
     fit_settings = train.TrainSettings(data="<morph>", model=settings.model, rank=settings.lora_rank,
                                        steps=settings.lora_steps, learning_rate=settings.lora_lr, seed=settings.seed,
                                        resolution=settings.resolution, crop="none", checkpointing_steps=0)
-    given = [settings.lora_a, settings.lora_b]
-    lora_ids, to_fit = [], {}
-    for side, name in enumerate(ADAPTERS):
-        if given[side] is not None:
-            load_lora(unet, given[side], name)
-            lora_ids.append(f"file:{sha256_file(given[side])}")
+    given = [settings.lora_a, settings.lora_b] if len(keys) == 2 else [None] * len(keys)
+    lora_ids, to_fit, copies = [], {}, {}
+    for i, name in enumerate(names):
+        if given[i] is not None:
+            load_lora(unet, given[i], name)
+            lora_ids.append(f"file:{sha256_file(given[i])}")
             continue
-        key = cache_key("lora", image=keys[side], prompt=prompts[side], model=fingerprint, rank=settings.lora_rank,
+        key = cache_key("lora", image=keys[i], prompt=prompts[i], model=fingerprint, rank=settings.lora_rank,
                         steps=settings.lora_steps, lr=settings.lora_lr, seed=settings.seed,
                         targets=fit_settings.targets)
-        lora_ids.append(key)
         cached = store.path("lora", key)
-        hits[f"lora_{'ab'[side]}"] = bool(cached and cached.is_file())
-        if hits[f"lora_{'ab'[side]}"]:
+        hits[f"lora_{labels[i]}"] = store.usable("lora", key, read_lora_file) is not None  # damaged: refitted
+        if hits[f"lora_{labels[i]}"]:
             load_lora(unet, cached, name)
+        elif cached is not None and key in lora_ids:  # the same keyframe again: fitted once, then read back
+            copies[name] = cached
         else:
-            to_fit[name] = (side, cached)
-    examples = {name: [train.EncodedExample([latents[side][0]], [embeds[side][0]])]
-                for name, (side, _) in to_fit.items()}
-    if settings.fit_together and len(examples) > 1:
-        train.fit_loras(pipe, examples, fit_settings, progress=progress)
-    else:
-        for name, encoded in examples.items():
-            train.fit_lora(pipe, encoded, fit_settings, adapter_name=name, progress=progress)
-    for name, (side, cached) in to_fit.items():
+            to_fit[name] = (i, cached)
+        lora_ids.append(key)
+    fit_due(pipe, train, to_fit, latents, embeds, fit_settings, settings.fit_together, progress)
+    for name, (i, cached) in to_fit.items():
         if cached is not None:
             save_lora(cached, lora_state_dict(unet, name), adapter_metadata(unet, name),
-                      {"base_model": settings.model, "prompt": prompts[side], "steps": settings.lora_steps,
+                      {"base_model": settings.model, "prompt": prompts[i], "steps": settings.lora_steps,
                        "seed": settings.seed}, overwrite=True)
+    for name, cached in copies.items():
+        load_lora(unet, cached, name)
     return lora_ids
 
 
-def invert_pair(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, negative, schedule,
-                store: TensorCache, fingerprint: str, hits: dict, progress: bool) -> list[torch.Tensor]:
-    """The inverted noise of each image, from the cache or inverted now (both in one batch when both are due).
+def fit_due(pipe, train, to_fit: dict, latents, embeds, fit_settings, together: bool, progress: bool) -> None:
+    """Fit the adapters of `to_fit` ({name: (image index, cache path)}): two at a time in one batch when
+    `together`, else one by one."""
+    examples = {name: [train.EncodedExample([latents[i][0]], [embeds[i][0]])] for name, (i, _) in to_fit.items()}
+    names = list(examples)
+    groups = [names[k:k + 2] for k in range(0, len(names), 2)] if together else [[n] for n in names]
+    for group in groups:
+        if len(group) > 1:
+            train.fit_loras(pipe, {n: examples[n] for n in group}, fit_settings, progress=progress)
+        else:
+            train.fit_lora(pipe, examples[group[0]], fit_settings, adapter_name=group[0], progress=progress)
+
+
+def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, negative, schedule,
+                     store: TensorCache, fingerprint: str, hits: dict, progress: bool) -> list[torch.Tensor]:
+    """The inverted noise of each image, from the cache or inverted now (up to `batch_size`, at least two, in one
+    batch; the same image under the same LoRA and prompt only once).
 
     The cache key holds everything the noise depends on: the image, prompt, model, LoRA, steps, the inversion
     method and its settings, the guidance and negative prompt (guided inversion), and the precision it ran in.
     """
-    prompts, device = settings.prompts, pipe.unet.device
+    prompts, device = settings.keyframe_prompts(len(keys)), pipe.unet.device
+    names, labels = keyframe_adapters(len(keys)), keyframe_labels(len(keys))
     inversion = settings.inversion_method
     guided = {} if settings.guidance == 1.0 else {"guidance": settings.guidance, "negative": settings.negative_prompt}
-    noises, due = [None, None], []
-    for side in range(2):
-        key = cache_key("inversion", image=keys[side], prompt=prompts[side], model=fingerprint,
-                        lora=lora_ids[side], steps=settings.steps, inversion=inversion.key(),
-                        precision=module_precision(pipe.unet), **guided)
+    noises: list = [None] * len(keys)
+    due: dict[str, list[int]] = {}  # cache key -> the images it is the noise of
+    for i in range(len(keys)):
+        key = cache_key("inversion", image=keys[i], prompt=prompts[i], model=fingerprint, lora=lora_ids[i],
+                        steps=settings.steps, inversion=inversion.key(), precision=module_precision(pipe.unet),
+                        **guided)
         entry = store.get("inversion", key)
-        hits[f"inversion_{'ab'[side]}"] = entry is not None
+        hits[f"inversion_{labels[i]}"] = entry is not None
         if entry is None:
-            due.append((side, key))
+            due.setdefault(key, []).append(i)
         else:
-            noises[side] = entry["noise"].to(device)
-    if due:
-        sides = [side for side, _ in due]
-        adapters = [None if settings.tuning_free else ADAPTERS[s] for s in sides]
+            noises[i] = entry["noise"].to(device)
+    todo = list(due.items())
+    size = max(2, settings.batch_size)
+    for chunk in (todo[k:k + size] for k in range(0, len(todo), size)):
+        sides = [images[0] for _, images in chunk]
+        adapters = [None if settings.tuning_free else names[s] for s in sides]
         inverted = invert_under_loras(pipe, torch.cat([latents[s] for s in sides]),
                                       torch.cat([embeds[s] for s in sides]), adapters, schedule, progress=progress,
-                                      desc=f"inverting {' and '.join('AB'[s] for s in sides)}", inversion=inversion,
-                                      guidance=settings.guidance, negative=negative)
-        for (side, key), noise in zip(due, inverted.split(1)):
+                                      desc=inverting(labels, sides),
+                                      inversion=inversion, guidance=settings.guidance, negative=negative)
+        for (key, images), noise in zip(chunk, inverted.split(1)):
             store.put("inversion", key, {"noise": noise})
-            noises[side] = noise
+            for i in images:
+                noises[i] = noise
     return noises
+
+
+def inverting(labels, sides: list[int]) -> str:
+    """The progress bar's words: "inverting A and B" for a pair, "inverting keyframes 1, 2, 3" for a chain."""
+    if len(labels) == 2:
+        return f"inverting {' and '.join(labels[s].upper() for s in sides)}"
+    return f"inverting keyframe{'s' if len(sides) > 1 else ''} {', '.join(labels[s] for s in sides)}"

@@ -10,6 +10,10 @@ The fields fall into three groups, marked on each field, that decide what a chan
 
 `MorphSettings.resolve(config, **overrides)` reads a JSON or TOML file with the same keys (the CLI's option
 names with `_`) and applies overrides on top, as `TrainSettings` does. Messages name the CLI options.
+
+`loop` closes a chain of keyframes back to its first image (`--loop`); until 0.2 it was the GIF's loop count,
+which is `gif_loops` (`--gif-loops`) now. A whole number given as `loop` (not true or false) is still read as
+`gif_loops`, with a `FutureWarning`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,11 +59,12 @@ def export(default=dataclasses.MISSING, **kwargs):
 class MorphSettings:
     """Every setting of a morph; a JSON or TOML `--config` file holds the same keys."""
 
-    # the pair: model, prompts, LoRAs (prepare)
+    # the keyframes: model, prompts, LoRAs (prepare)
     model: str = prepare(DEFAULT_MODEL)
     prompt: str = prepare("")
     prompt_a: str | None = prepare(None)
     prompt_b: str | None = prepare(None)
+    prompt_for: tuple[str, ...] | None = prepare(None)  # one prompt per keyframe, in order (--prompt-for, repeated)
     negative_prompt: str = prepare("")
     guidance: float = prepare(1.0)
     steps: int = prepare(50)
@@ -90,14 +96,22 @@ class MorphSettings:
     distance: str = render("auto")
     pacing_tolerance: float = render(0.05)
     compile_unet: bool = render(False)
+    loop: bool = render(False)  # a chain closes back to its first keyframe
     # the files (export)
     output_dir: str | None = export(None)
     formats: tuple[str, ...] = export(FORMATS)
     fps: float = export(10.0)
     frame_duration_ms: int | None = export(None)
-    loop: int = export(0)
+    gif_loops: int = export(0)  # how often the GIF plays; 0 repeats forever
     back_and_forth: bool = export(False)
     overwrite: bool = export(False)
+
+    def __post_init__(self):
+        if isinstance(self.loop, int) and not isinstance(self.loop, bool):  # before 0.2: the GIF's loop count
+            warnings.warn("The setting loop (--loop) closes a chain of keyframes now; the GIF's loop count is "
+                          f"gif_loops (--gif-loops). Reading loop = {self.loop} as gif_loops = {self.loop}.",
+                          FutureWarning, stacklevel=3)
+            self.gif_loops, self.loop = self.loop, False
 
     # -----------------------------------------------------------------------------------------
     # building
@@ -114,7 +128,9 @@ class MorphSettings:
 
         values = dataclasses.asdict(base) if base is not None else {}
         if config is not None:
-            values.update(read_config(config, set(cls.field_names())))
+            values.update(read_config(config, set(cls.field_names()) | {"prompts"}))
+            if "prompts" in values:  # a config file's name for the keyframes' prompts (--prompt-for)
+                values["prompt_for"] = values.pop("prompts")
         known = set(cls.field_names())
         if unknown := sorted(set(overrides) - known):
             raise ConfigError(f"Unknown morph settings: {', '.join(unknown)}. Known: {', '.join(sorted(known))}.")
@@ -124,8 +140,9 @@ class MorphSettings:
         for name in ("output_dir", "cache_dir", "lora_a", "lora_b"):  # paths may come as Path objects
             if isinstance(values.get(name), os.PathLike):
                 values[name] = os.fspath(values[name])
-        if values.get("formats") is not None:
-            values["formats"] = tuple(values["formats"])
+        for name in ("formats", "prompt_for"):  # lists from a file or a command line, kept as tuples
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         return cls(**values).validate()
 
     def replace(self, **changes) -> "MorphSettings":
@@ -138,8 +155,25 @@ class MorphSettings:
 
     @property
     def prompts(self) -> tuple[str, str]:
-        return (self.prompt if self.prompt_a is None else self.prompt_a,
-                self.prompt if self.prompt_b is None else self.prompt_b)
+        """The prompts of a two-image morph: A's and B's."""
+        return tuple(self.keyframe_prompts(2))
+
+    def keyframe_prompts(self, count: int) -> list[str]:
+        """One prompt per keyframe: `prompt_for` when given (one each), else `prompt` for all (a pair: A's and B's
+        from `prompt_a` / `prompt_b` where given)."""
+        if self.prompt_for is not None:
+            if len(self.prompt_for) != count:
+                raise ConfigError(f"--prompt-for gives {len(self.prompt_for)} prompt"
+                                  f"{'s' if len(self.prompt_for) != 1 else ''} for {count} images; give it once per "
+                                  "image, in order (or use --prompt for all of them).")
+            return list(self.prompt_for)
+        if count == 2:
+            return [self.prompt if self.prompt_a is None else self.prompt_a,
+                    self.prompt if self.prompt_b is None else self.prompt_b]
+        if self.prompt_a is not None or self.prompt_b is not None:
+            raise ConfigError(f"--prompt-a and --prompt-b name the two images of a pair; for {count} keyframes give "
+                              "--prompt-for once per image, in order.")
+        return [self.prompt] * count
 
     @property
     def inversion_method(self) -> Inversion:
@@ -170,6 +204,11 @@ class MorphSettings:
         for name in ("prompt_a", "prompt_b", "lora_a", "lora_b", "cache_dir", "device", "dtype"):
             value = getattr(self, name)
             _need(value is None or isinstance(value, str), f"--{_opt(name)} must be text; got {value!r}.")
+        if self.prompt_for is not None:
+            _need(isinstance(self.prompt_for, tuple) and all(isinstance(p, str) for p in self.prompt_for),
+                  f"--prompt-for (prompts in a config file) must be texts, one per image; got {self.prompt_for!r}.")
+            _need(self.prompt_a is None and self.prompt_b is None,
+                  "--prompt-for gives every image its prompt; leave out --prompt-a and --prompt-b.")
         check_steps(self.steps)
         _number(self.guidance, "guidance", low=0, low_open=True, high=100)
         _integer(self.seed, "seed", 0, MAX_SEED - 1)
@@ -201,6 +240,7 @@ class MorphSettings:
         check_distance(self.distance)
         _number(self.pacing_tolerance, "pacing-tolerance", low=0, high=1.0)
         _need(isinstance(self.compile_unet, bool), f"compile_unet must be true or false; got {self.compile_unet!r}.")
+        _need(isinstance(self.loop, bool), f"loop (--loop) must be true or false; got {self.loop!r}.")
 
     def _check_export(self):
         _need(self.output_dir is None or isinstance(self.output_dir, str),
@@ -212,7 +252,7 @@ class MorphSettings:
                 hint="GIF frames last at least 10 ms, so at most 100 frames per second")
         if self.frame_duration_ms is not None:
             _integer(self.frame_duration_ms, "frame-duration", 10, 60_000)
-        _integer(self.loop, "loop", 0, 65535)
+        _integer(self.gif_loops, "gif-loops", 0, 65535)
         for name in ("back_and_forth", "overwrite"):
             _need(isinstance(getattr(self, name), bool), f"{name} must be true or false; got {getattr(self, name)!r}.")
 
