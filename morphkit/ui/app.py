@@ -8,36 +8,16 @@ included: the page never shows a traceback and the server keeps running.
 from __future__ import annotations
 
 from . import require_gradio
+from .morph_tab import morph_tab
+from .stylize_tab import stylize_tab
 from .workspace import Workspace
 
-MODEL_JOBS = "model"  # the queue group of every job that runs the model: one at a time
 CSS = "#morph-gif img { width: 100%; height: 100%; object-fit: contain; }"  # small frames shown large, not tiny
-
-
-def image_input(**kwargs):
-    """A `gr.Image` upload that hands its handler the uploaded file's path without decoding it first.
-
-    Gradio's own preprocessing opens the upload with Pillow before any handler runs, so a corrupt file would
-    fail inside Gradio with a generic error. Here morphkit's loader reads it, and its message reaches the page.
-    (The method is replaced on the instance: a subclass of a Gradio component makes Gradio write a .pyi stub
-    next to this file.)
-    """
-    gr = require_gradio()
-    image = gr.Image(type="filepath", sources=["upload", "clipboard"], **kwargs)
-    image.preprocess = lambda payload: None if payload is None else payload.path
-    return image
-
-
-def session_of(request) -> str:
-    """The browser session a request comes from (each tab of each visitor has its own)."""
-    return getattr(request, "session_hash", None) or "local"
 
 
 def build_app(workspace: Workspace):
     """The whole page for `workspace` (not launched)."""
     gr = require_gradio()
-    from .morph_tab import morph_tab
-    from .stylize_tab import stylize_tab
 
     with gr.Blocks(title="morphkit", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"## morphkit\nModel: `{workspace.model}`. Morph two photos into each other, or redraw photos "

@@ -8,7 +8,7 @@ settings object. Render reuses the session's prepared pair when only render sett
 # No `from __future__ import annotations` here: Gradio finds `request: gr.Request` by the evaluated annotation.
 
 from . import require_gradio
-from .app import MODEL_JOBS, image_input, session_of
+from .components import MODEL_JOBS, image_input, session_of
 from .plot import pacing_plot
 from .workspace import CANCEL_MESSAGES, Prepared, Render, Workspace, check_upload, page_message
 

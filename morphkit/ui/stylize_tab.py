@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from . import require_gradio
-from .app import MODEL_JOBS, session_of
+from .components import MODEL_JOBS, session_of
 from .workspace import (CANCEL_MESSAGES, Workspace, check_upload, lora_folder_choices, lora_lines, name_uploads,
                         page_message, resolve_loras)
 
