@@ -206,12 +206,14 @@ def eval_(
 # Command groups that live in their own modules.
 from cli import lora as _lora_cli  # noqa: E402
 
+from cli.batch import batch as _batch  # noqa: E402
 from cli.morph import morph as _morph  # noqa: E402
 from cli.stylize import stylize as _stylize  # noqa: E402
 
 app.add_typer(_lora_cli.app, name="lora")
 app.command(name="morph")(_morph)
 app.command(name="stylize")(_stylize)
+app.command(name="batch")(_batch)
 from cli.ui import ui as _ui  # noqa: E402
 app.command(name="ui")(_ui)
 
