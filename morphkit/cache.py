@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write, cache_dir
+from .errors import NumericalError
+from .io import atomic_write, cache_dir, check_writable, sweep_stale
 from .tiny import TINY_NAME, TINY_VERSION
 
 CACHE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def cache_key(kind: str, **parts) -> str:
@@ -54,19 +58,62 @@ class TensorCache:
     def path(self, kind: str, key: str) -> Path | None:
         return None if self.root is None else self.root / kind / f"{key}.safetensors"
 
+    def check_writable(self, kinds=("lora", "inversion")) -> None:
+        """Before any work: the cache folder can be made and written (else `OutputExistsError` naming
+        --cache-dir); temporaries that killed runs left in it are swept."""
+        if self.root is None:
+            return
+        check_writable(self.root, "cache folder", "--cache-dir")
+        for kind in kinds:
+            sweep_stale(self.root / kind)
+
     def get(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, or None: missing, damaged and non-finite entries are misses (and are removed)."""
         path = self.path(kind, key)
         if path is None or not path.is_file():
             return None
         try:
-            return load_file(str(path))
-        except Exception:  # a damaged entry is a miss; it is rewritten
+            tensors = load_file(str(path))
+        except Exception as e:  # a damaged entry is a miss; it is rewritten
+            return self.discard(kind, key, f"it cannot be read ({type(e).__name__})")
+        if not all_finite(tensors):
+            return self.discard(kind, key, "it holds NaN or infinite values")
+        return tensors
+
+    def usable(self, kind: str, key: str, check: Callable[[Path], object]) -> Path | None:
+        """The entry's path when `check(path)` accepts it (e.g. reading it as a LoRA file); otherwise the entry
+        is logged, removed and None returned, so that it is built again."""
+        path = self.path(kind, key)
+        if path is None or not path.is_file():
             return None
+        try:
+            check(path)
+        except Exception as e:
+            return self.discard(kind, key, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        return path
+
+    def discard(self, kind: str, key: str, why: str) -> None:
+        """Drop a bad entry (logged), so that it is a miss and is written again."""
+        path = self.path(kind, key)
+        log.warning("The cached %s %s is not usable (%s); it is removed and built again.", kind, path, why)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
 
     def put(self, kind: str, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+        """Write an entry atomically; `NumericalError` (and nothing written) when a tensor is not finite."""
         path = self.path(kind, key)
+        if not all_finite(tensors):
+            raise NumericalError(f"The {kind} came out with NaN or infinite values, so it was not cached or used. "
+                                 "Lower --guidance or the LoRA weights (or --lora-lr), or run in fp32 (--dtype fp32).")
         if path is None:
             return None
         with atomic_write(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         return path
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())

@@ -46,3 +46,15 @@ class Cancelled(MorphkitError):
     """The job was cancelled by its caller (the web UI's Cancel button, for one)."""
 
     exit_code = 130
+
+
+class DiskFullError(MorphkitError):
+    """A file could not be written completely: the disk (or a quota, or a file size limit) is full."""
+
+    exit_code = 1
+
+
+class NumericalError(MorphkitError):
+    """A stage produced NaN or infinite values; nothing of it was written or cached."""
+
+    exit_code = 1

@@ -6,6 +6,11 @@ import time
 
 import torch
 
+from .errors import NumericalError
+
+FINITE_HINT = ("Lower --guidance or the LoRA weights (or --lora-lr), or run in fp32 (--dtype fp32); nothing of it was "
+               "written or cached.")
+
 
 class Stages:
     """`begin()`, then `end("fit")` records the fit stage; the next stage begins where one ends.
@@ -39,3 +44,10 @@ class Stages:
             self.peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
         self.seconds[name] = time.perf_counter() - self._start
         self.begin()
+
+
+def check_finite(tensor: torch.Tensor, stage: str, hint: str = FINITE_HINT) -> torch.Tensor:
+    """`tensor`, if every value is finite; otherwise `NumericalError` naming the stage that overflowed."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise NumericalError(f"The {stage} produced NaN or infinite values (a number overflowed). {hint}")
+    return tensor
