@@ -16,6 +16,7 @@ No image is ever squashed to a new aspect ratio.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -24,23 +25,44 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
-from .io import atomic_write, check_can_write
+from .io import atomic_write, check_can_write, file_kind
 
 MULTIPLE = 8
 MAX_ASPECT = 2.0
 MAX_RESOLUTION = 2048  # SD 1.5 is trained at 512; beyond this, attention alone needs tens of GB
 MAX_PIXELS = 64_000_000  # 8000 x 8000: far above anything SD 1.5 can use
 MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_SEQUENCE_FRAMES = 2000  # morph's --frames cap
+MAX_SEQUENCE_PIXELS = MAX_SEQUENCE_FRAMES * 512 * 512  # a sequence read whole (eval): about 1.5 GB as RGB
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open `path` as an 8-bit RGB image at its own size, or raise `InputError` saying why not."""
+    """Open `path` as an 8-bit RGB image at its own size, or raise `InputError` saying why not.
+
+    Only the header is read until the pixel limit is checked: no image is decoded before it is known to fit.
+    """
     path = Path(path)
-    if not path.exists():
+    probe_size(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"The image {path} is corrupt or truncated and could not be decoded ({e}).") from None
+
+
+def probe_size(path: Path, frames: bool = False) -> tuple[int, int, int]:
+    """(width, height, frame count) from the header alone; `InputError` for anything that is not a readable image
+    within the pixel limit (a FIFO, device or folder says what it is instead of hanging)."""
+    kind = file_kind(path)
+    if kind == "missing":
         raise InputError(f"The image {path} does not exist. Check the path.")
-    if path.is_dir():
+    if kind == "a folder":
         raise InputError(f"{path} is a directory, but an image file was expected here.")
+    if kind is not None:
+        raise InputError(f"The image {path} is {kind}, not a regular file; give the path of an image file.")
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"The image {path} is empty (0 bytes). It may have been cut off while copying.")
@@ -53,13 +75,14 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():  # our own pixel limit below is the one that speaks
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as probe:
-                width, height = probe.size
+                (width, height), count = probe.size, (getattr(probe, "n_frames", 1) if frames else 1)
     except Image.DecompressionBombError:
         raise InputError(f"The image {path} has more pixels than morphkit accepts "
                          f"({MAX_PIXELS // 1_000_000} megapixels). Downscale it first.") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path} is not an image morphkit can read (PNG, JPEG, WebP, BMP, TIFF, GIF).") from None
-    except OSError as e:
+        raise InputError(f"{path} could not be read: it is not an image morphkit can read (PNG, JPEG, WebP, BMP, TIFF, "
+                         "GIF).") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"The image {path} is corrupt or truncated and could not be read ({e}).") from None
     if width * height > MAX_PIXELS:
         raise InputError(
@@ -68,13 +91,45 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise InputError(f"The image {path} has no pixels ({width}x{height}).")
+    return width, height, count
+
+
+def check_sequence_pixels(where, pixels: int) -> None:
+    """Refuse a sequence of frames whose pixels together pass `MAX_SEQUENCE_PIXELS`, before any is decoded."""
+    if pixels > MAX_SEQUENCE_PIXELS:
+        raise InputError(f"The frames of {where} hold {pixels / 1e6:.0f} megapixels together, more than morphkit "
+                         f"reads ({MAX_SEQUENCE_PIXELS / 1e6:.0f}: {MAX_SEQUENCE_FRAMES} frames of 512x512). Use "
+                         "fewer or smaller frames.")
+
+
+def open_images(files: list[Path], where) -> list[Image.Image]:
+    """Open many images (a folder of frames) after checking every header and their pixels together."""
+    check_sequence_pixels(where, sum(w * h for w, h, _ in (probe_size(Path(f)) for f in files)))
+    return [open_image(f) for f in files]
+
+
+def open_frames(path: str | os.PathLike) -> list[Image.Image]:
+    """Every frame of an animated image (a GIF, for one) as RGB, the pixel limits checked before any frame is
+    decoded: each frame's and all of them together (a small file can declare a huge canvas many times)."""
+    path = Path(path)
+    width, height, count = probe_size(path, frames=True)
+    check_sequence_pixels(path, width * height * count)
+    frames = []
     try:
         with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"The image {path} is corrupt or truncated and could not be decoded ({e}).") from None
+            for index in range(count):
+                img.seek(index)
+                if img.size != (width, height):  # a frame larger than the canvas: checked again
+                    check_sequence_pixels(path, img.width * img.height * count)
+                frames.append(to_rgb(img.copy()))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path} could not be read as a GIF or image ({str(e).splitlines()[0][:160]}).") from None
+    return frames
+
+
+def natural_key(path: str | os.PathLike) -> list:
+    """Sort key that puts frame_2 before frame_10 (numbers compared as numbers)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", Path(path).name)]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -154,7 +209,7 @@ def load_image(path: str | os.PathLike, resolution: int | None = None) -> Image.
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -157,15 +157,14 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 def read_frames(path: str | os.PathLike) -> list:
-    """The frames of a morph: a folder of images (sorted by name) or an animated GIF, as PIL RGB images.
+    """The frames of a morph: a folder of images (sorted naturally: frame_2 before frame_10) or an animated GIF,
+    as PIL RGB images.
 
     A GIF written with --back-and-forth (A → B → A, a palindrome) gives only its A → B half. Raises
     `InputError` for a missing path, an empty folder, an unreadable GIF, frames of different sizes, or
     fewer than 2 frames.
     """
-    from PIL import Image, ImageSequence, UnidentifiedImageError
-
-    from .images import list_images, open_image, to_rgb
+    from .images import list_images, open_frames, open_images
 
     path = Path(path)
     if not path.exists():
@@ -174,13 +173,9 @@ def read_frames(path: str | os.PathLike) -> list:
         files = list_images(path)
         if not files:
             raise InputError(f"The folder {path} holds no images (PNG, JPEG, WebP, BMP, TIFF, GIF).")
-        frames, names = [open_image(f) for f in files], [f.name for f in files]
+        frames, names = open_images(files, path), [f.name for f in files]  # pixel limits checked first
     else:
-        try:
-            with Image.open(path) as img:
-                frames = [to_rgb(frame.copy()) for frame in ImageSequence.Iterator(img)]
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise InputError(f"{path} could not be read as a GIF or image ({str(e).splitlines()[0][:160]}).") from None
+        frames = open_frames(path)  # every frame's pixels checked before decoding; a FIFO is refused, not read
         names = [f"frame {i}" for i in range(len(frames))]
         if len(frames) >= 3 and len(frames) % 2 and _is_palindrome(frames):
             frames = frames[: len(frames) // 2 + 1]
