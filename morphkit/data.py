@@ -71,12 +71,21 @@ def _read_rows(metadata: Path) -> list[tuple[str, list[str]]]:
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
             raise InputError(f'{where}: "text" must be a non-empty caption or a non-empty list of captions.')
         file = metadata.parent / row["file_name"]
+        if not inside(file, metadata.parent):
+            raise InputError(f'{where} names {row["file_name"]}, which lies outside the dataset folder '
+                             f"{metadata.parent} (through '..', an absolute path or a symbolic link). Dataset "
+                             "images must be inside their folder.")
         if not file.is_file():
             raise InputError(f'{where} names {row["file_name"]}, which is not a file in {metadata.parent}.')
         rows.append((row["file_name"], captions))
     if not rows:
         raise InputError(f"{metadata} has no rows: there is nothing to train on.")
     return rows
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with every symbolic link resolved, lies inside `folder` (also resolved)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def data_hash(examples: list[Example]) -> str:

@@ -35,9 +35,10 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .data import Example, data_hash, load_examples
-from .errors import ConfigError, InputError, OutputExistsError
+from .errors import ConfigError, InputError, NumericalError, OutputExistsError
 from .images import MAX_RESOLUTION, center_crop, fit_size, resize_to_policy
-from .io import atomic_write, make_staging_dir, write_json
+from .io import (atomic_write, check_room, check_writable, is_plain_name, make_staging_dir, no_room_error,
+                 sweep_stale, write_json)
 from .lora import DEFAULT_TARGETS, LoraShape, adapter_metadata, add_lora, check_targets, lora_state_dict, save_lora
 from .lora_files import DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, tag_frequency, warn_kohya_dropped
 from .models import DEFAULT_MODEL, encode_image, encode_prompt, load_pipeline, resolve_device, resolve_dtype
@@ -127,37 +128,41 @@ class TrainSettings:
 
         def number(name, kind=(int, float)):
             value = getattr(self, name)
-            need(isinstance(value, kind) and not isinstance(value, bool), f"{name} must be a number; got {value!r}.")
-            need(math.isfinite(value), f"{name} must be finite; got {value!r}.")
+            option = "--lr" if name == "learning_rate" else "--" + name.replace("_", "-")
+            need(isinstance(value, kind) and not isinstance(value, bool), f"{option} must be a number; got {value!r}.")
+            need(math.isfinite(value), f"{option} must be finite; got {value!r}.")
             return value
 
         need(self.data, "No training data: give an image file or a folder with metadata.jsonl.")
+        need(self.name is None or is_plain_name(self.name), f"--name must be a plain file name (no folders, no '..'); "
+             f"got {self.name!r}. Use --output-dir to choose the folder.")
         need(number("rank", int) >= 1, f"The LoRA rank must be at least 1; got {self.rank}.")
         need(self.alpha is None or number("alpha") > 0, f"The LoRA alpha must be positive; got {self.alpha}.")
         need(isinstance(self.targets, list) and self.targets and all(isinstance(t, str) and t for t in self.targets),
-             "targets must be a non-empty list of module names, like to_q,to_k,to_v,to_out.0.")
+             "--targets must be a non-empty list of module names, like to_q,to_k,to_v,to_out.0.")
         warn_kohya_dropped(self.targets)  # conv_in, conv_out, time_embedding: kohya's sd-scripts skips them
-        need(self.steps is None or number("steps", int) >= 1, f"steps must be at least 1; got {self.steps}.")
-        need(self.epochs is None or number("epochs", int) >= 1, f"epochs must be at least 1; got {self.epochs}.")
-        need(self.steps is None or self.epochs is None, "Give steps or epochs, not both.")
-        need(number("learning_rate") > 0, f"The learning rate must be positive; got {self.learning_rate}.")
-        need(self.lr_scheduler in LR_SCHEDULES, f"lr_scheduler must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_scheduler!r}.")
-        need(number("lr_warmup_steps", int) >= 0, "lr_warmup_steps must be 0 or more.")
+        need(self.steps is None or number("steps", int) >= 1, f"--steps must be at least 1; got {self.steps}.")
+        need(self.epochs is None or number("epochs", int) >= 1, f"--epochs must be at least 1; got {self.epochs}.")
+        need(self.steps is None or self.epochs is None, "Give --steps or --epochs, not both.")
+        need(0 < number("learning_rate") <= 1, f"The learning rate (--lr) must be above 0 and at most 1 (1e-4 is "
+                                                 f"usual); got {self.learning_rate}.")
+        need(self.lr_scheduler in LR_SCHEDULES, f"--lr-scheduler must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_scheduler!r}.")
+        need(number("lr_warmup_steps", int) >= 0, "--lr-warmup-steps must be 0 or more.")
         need(0 <= number("adam_beta1") < 1 and 0 <= number("adam_beta2") < 1, "Adam betas must lie in [0, 1).")
-        need(number("adam_weight_decay") >= 0, "adam_weight_decay must be 0 or more.")
-        need(number("adam_epsilon") > 0, "adam_epsilon must be positive.")
-        need(number("batch_size", int) >= 1, f"batch_size must be at least 1; got {self.batch_size}.")
-        need(number("gradient_accumulation_steps", int) >= 1, "gradient_accumulation_steps must be at least 1.")
-        need(number("max_grad_norm") > 0, "max_grad_norm must be positive.")
-        need(number("noise_offset") >= 0, "noise_offset must be 0 or more.")
-        need(self.snr_gamma is None or number("snr_gamma") > 0, "snr_gamma must be positive (5.0 is the usual value).")
-        need(number("seed", int) >= 0, "seed must be 0 or more.")
+        need(number("adam_weight_decay") >= 0, "--adam-weight-decay must be 0 or more.")
+        need(number("adam_epsilon") > 0, "--adam-epsilon must be positive.")
+        need(number("batch_size", int) >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
+        need(number("gradient_accumulation_steps", int) >= 1, "--gradient-accumulation-steps must be at least 1.")
+        need(number("max_grad_norm") > 0, "--max-grad-norm must be positive.")
+        need(number("noise_offset") >= 0, "--noise-offset must be 0 or more.")
+        need(self.snr_gamma is None or number("snr_gamma") > 0, "--snr-gamma must be positive (5.0 is the usual value).")
+        need(0 <= number("seed", int) < 2**63, f"--seed must be an integer from 0 to 2^63 - 1; got {self.seed}.")
         need(self.resolution is None or (8 <= number("resolution", int) <= MAX_RESOLUTION and self.resolution % 8 == 0),
-             f"resolution must be a multiple of 8 from 8 to {MAX_RESOLUTION}; got {self.resolution}.")
-        need(self.crop is None or self.crop in CROPS, f"crop must be one of {', '.join(CROPS)}; got {self.crop!r}.")
-        need(self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}.")
-        need(number("checkpointing_steps", int) >= 0, "checkpointing_steps must be 0 (none) or more.")
-        need(number("checkpoints_total_limit", int) >= 1, "checkpoints_total_limit must be at least 1.")
+             f"--resolution must be a multiple of 8 from 8 to {MAX_RESOLUTION}; got {self.resolution}.")
+        need(self.crop is None or self.crop in CROPS, f"--crop must be one of {', '.join(CROPS)}; got {self.crop!r}.")
+        need(self.mixed_precision in MIXED_PRECISIONS, f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}.")
+        need(number("checkpointing_steps", int) >= 0, "--checkpointing-steps must be 0 (none) or more.")
+        need(number("checkpoints_total_limit", int) >= 1, "--checkpoints-total-limit must be at least 1.")
 
     @property
     def shape(self) -> LoraShape:
@@ -314,9 +319,13 @@ def save_checkpoint(folder: Path, step: int, unet, adapter_name: str, optimizer,
     """Write `folder/step-NNNNNN/` atomically (a temp folder renamed), then drop all but the newest `keep`."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
+    lora = lora_state_dict(unet, adapter_name)
+    if not all(bool(torch.isfinite(t).all()) for t in lora.values()):
+        raise NumericalError(f"The fit diverged: at step {step} the LoRA holds NaN or infinite values, so no checkpoint "
+                             "was written. Lower --lr (or --max-grad-norm), or train in fp32 (--mixed-precision no).")
     staging = make_staging_dir(target)
     try:
-        save_file(lora_state_dict(unet, adapter_name), str(staging / "lora.safetensors"))
+        save_file(lora, str(staging / "lora.safetensors"))
         opt = optimizer.state_dict()
         tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
         save_file(tensors, str(staging / "optimizer.safetensors"))
@@ -326,6 +335,8 @@ def save_checkpoint(folder: Path, step: int, unet, adapter_name: str, optimizer,
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
+    except OSError as e:
+        raise no_room_error(e, target) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(folder)[:-keep]:
@@ -636,6 +647,11 @@ def train_lora(
     if found and not (resume or overwrite):
         raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run. Pass --resume to continue it, or "
                                 "--overwrite to start afresh.")
+    check_writable(out, "output folder", "--output-dir")
+    check_room(out, s.rank * 2**20 * (len(files) + (3 * s.checkpoints_total_limit if s.checkpointing_steps else 0)),
+               "the LoRA and its checkpoints")
+    for folder in (out, checkpoints):  # what runs killed mid-write left behind
+        sweep_stale(folder)
 
     digest = data_hash(examples)
     fingerprint = s.trajectory_hash(digest)
