@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import typer
+
+from morphkit.io import NO_ROOM, disk_full
 
 MODEL_HELP = (
     "Base model: a hub id (used from the local Hugging Face cache when there), a local diffusers folder, "
@@ -29,16 +32,35 @@ def call(fn, *args, **kwargs):
     except MorphkitError as e:
         fail(str(e), e.exit_code)
     except KeyboardInterrupt:
-        fail("Interrupted. Files already written are complete; a training run continues from its last "
-             "checkpoint with --resume.", 130)
+        fail(interrupted_message(), 130)
+    except OSError as e:
+        if e.errno in NO_ROOM:  # a write that no morphkit writer wrapped: still the user's words
+            fail(str(disk_full(Path(e.filename) if e.filename else None)), 1)
+        unexpected(e)
     except MemoryError:
         fail("Out of memory. Try a smaller --resolution or --batch-size, or --gradient-checkpointing.", 1)
     except Exception as e:  # a bug in morphkit or below it: still one paragraph, with a way to the details
-        if "out of memory" in str(e).lower():
-            fail("The GPU ran out of memory. Try a smaller --resolution or --batch-size, --gradient-checkpointing, "
-                 "or --mixed-precision fp16/bf16.", 1)
-        if os.environ.get("MORPHKIT_DEBUG"):
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        fail(f"Unexpected {type(e).__name__}: {first}. This is probably a bug in morphkit; run again with "
-             "MORPHKIT_DEBUG=1 for the full traceback and report it.", 1)
+        unexpected(e)
+
+
+def unexpected(e: Exception):
+    if "out of memory" in str(e).lower():
+        fail("The GPU ran out of memory. Try a smaller --resolution or --batch-size, --gradient-checkpointing, "
+             "or --mixed-precision fp16/bf16.", 1)
+    if os.environ.get("MORPHKIT_DEBUG"):
+        raise e
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    fail(f"Unexpected {type(e).__name__}: {first}. This is probably a bug in morphkit; run again with "
+         "MORPHKIT_DEBUG=1 for the full traceback and report it.", 1)
+
+
+def interrupted_message() -> str:
+    """What Ctrl-C leaves, for the command that was running: only `train` has --resume."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    command = ctx.info_name if ctx is not None else None
+    if command == "train":
+        return "Interrupted. Files already written are complete; continue from the last checkpoint with --resume."
+    return ("Interrupted. Files already written are complete, and what finished is kept: fitted LoRAs and "
+            "inversions are in the cache, so running the same command again starts after them.")

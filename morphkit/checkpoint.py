@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .errors import NumericalError
 from .io import atomic_write, check_can_write
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
@@ -120,6 +121,10 @@ def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype = torch.f
     tensors.update(unet_to_ldm(cast(pipe.unet.state_dict()), pipe.unet.config))
     tensors.update(vae_to_ldm(cast(pipe.vae.state_dict()), pipe.vae.config))
     tensors.update(text_encoder_to_ldm(cast(pipe.text_encoder.state_dict())))
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise NumericalError(f"The checkpoint for {path} would hold NaN or infinite values ({bad}; in {dtype} a weight "
+                             "overflowed), so nothing was written. Lower the LoRA weights, or write fp32.")
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     return path

@@ -56,7 +56,7 @@ def check_steps(steps, num_train_timesteps: int = 1000) -> int:
     from .errors import ConfigError
 
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_train_timesteps:
-        raise ConfigError(f"steps must be an integer from 1 to {num_train_timesteps}; got {steps!r}.")
+        raise ConfigError(f"--steps must be an integer from 1 to {num_train_timesteps}; got {steps!r}.")
     return steps
 
 

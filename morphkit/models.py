@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,7 +81,12 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _one_line(error: BaseException) -> str:
+    """The first line of an error, in our words where torch's pickle advice would mislead (it suggests
+    weights_only=False, which runs the file's code)."""
     text = str(error).strip().splitlines()
+    if "weights_only" in str(error):
+        return ("the pickle holds more than tensors, and torch.load(weights_only=True) refuses it; morphkit never "
+                "loads a pickle with code in it")
     return text[0] if text else type(error).__name__
 
 
@@ -179,7 +185,11 @@ def _from_single_file(cls, path: Path, kwargs: dict, allow_pickle: bool):
     try:
         # `config` must be a str: the component loaders reject a Path. Passing a config folder makes
         # diffusers read every component config from it and ask no hub.
-        pipe = cls.from_single_file(str(path), config=str(_single_file_config(path)), local_files_only=True, **kwargs)
+        with warnings.catch_warnings():  # torch's notices about pickles are not for the user: our messages say it
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(\.|$)")
+            pipe = cls.from_single_file(str(path), config=str(_single_file_config(path)), local_files_only=True,
+                                        **kwargs)
     except Exception as e:
         raise ModelNotFoundError(
             f"The single-file checkpoint {path} could not be loaded as Stable Diffusion 1.x: {_one_line(e)}. "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 import threading
 
 from tqdm.auto import tqdm as _tqdm
@@ -39,7 +40,16 @@ def check_cancelled() -> None:
 
 
 class tqdm(_tqdm):  # noqa: N801 (a drop-in for tqdm)
-    """tqdm whose iteration and `update` first check for cancellation."""
+    """tqdm whose iteration and `update` first check for cancellation.
+
+    When its output is not a terminal (redirected to a file or a pipe), every bar without an explicit position
+    draws at position 0: nested bars then never move the cursor, so the file holds no `ESC[A` escape lines.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("position") is None:
+            kwargs.update(bar_options(kwargs.get("file")))
+        super().__init__(*args, **kwargs)
 
     def __iter__(self):
         for item in super().__iter__():
@@ -49,3 +59,15 @@ class tqdm(_tqdm):  # noqa: N801 (a drop-in for tqdm)
     def update(self, n=1):
         check_cancelled()
         return super().update(n)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def bar_options(stream=None) -> dict:
+    """tqdm options for a bar that may be nested: position 0 when the output is not a terminal (no `ESC[A`)."""
+    return {} if _is_terminal(stream or sys.stderr) else {"position": 0}

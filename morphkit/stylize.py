@@ -231,19 +231,20 @@ def check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed
                    resolution) -> None:
     check_steps(steps)
     if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-        raise ConfigError(f"strength must be above 0 and at most 1 (1 redraws from pure noise); got {strength!r}.")
+        raise ConfigError(f"--strength must be above 0 and at most 1 (1 redraws from pure noise); got {strength!r}.")
     if int(steps * strength) < 1:
         raise ConfigError(f"strength {strength} of {steps} steps leaves no denoising step (img2img runs "
                           f"int(steps x strength) of them). Raise --strength or --steps.")
-    if not (math.isfinite(guidance) and guidance > 0):
-        raise ConfigError(f"guidance must be positive (7.5 is usual; 1 turns classifier-free guidance off); "
-                          f"got {guidance}.")
-    if not (math.isfinite(controlnet_scale) and controlnet_scale >= 0):
-        raise ConfigError(f"The ControlNet scale must be 0 or more (0 ignores the edges); got {controlnet_scale}.")
+    if not (math.isfinite(guidance) and 0 < guidance <= 100):
+        raise ConfigError(f"--guidance must be above 0 and at most 100 (7.5 is usual; 1 turns classifier-free "
+                          f"guidance off); got {guidance}.")
+    if not (math.isfinite(controlnet_scale) and 0 <= controlnet_scale <= 100):
+        raise ConfigError(f"--controlnet-scale must be from 0 to 100 (0 ignores the edges; 0.5 is usual); got "
+                          f"{controlnet_scale}.")
     if not (math.isfinite(lora_scale) and abs(lora_scale) <= 100):
         raise ConfigError(f"--lora-scale must be a finite number within ±100 (usually 0 to 1); got {lora_scale}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ConfigError(f"seed must be an integer from 0 to 2^63 - 1; got {seed!r}.")
+        raise ConfigError(f"--seed must be an integer from 0 to 2^63 - 1; got {seed!r}.")
     for value, name in ((canny_low, "--canny-low"), (canny_high, "--canny-high")):
         if value is not None:
             check_threshold(value, name)
@@ -331,7 +332,7 @@ def stylize(
 
     # 2. the model and its ControlNet, loaded once
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
-    from .progress import tqdm
+    from .progress import bar_options, tqdm
 
     stages = Stages(pipe.unet.device if pipe is not None else resolve_device(device))
     stages.begin()
@@ -345,7 +346,7 @@ def stylize(
             controlnet = TINY_NAME if str(model) == TINY_NAME else DEFAULT_CONTROLNET
         net = load_controlnet(controlnet, device=pipe.unet.device, dtype=pipe.unet.dtype, allow_pickle=allow_pickle)
         cn_pipe = controlnet_pipeline(pipe, net)
-    cn_pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
+    cn_pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising", **bar_options())
     unet = cn_pipe.unet
     resolution = resolution or 8 * unet.config.sample_size
     stages.end("load")
