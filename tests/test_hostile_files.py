@@ -257,3 +257,68 @@ def test_pickled_lora_is_never_unpickled_by_default(tmp_path):
     path = tmp_path / "x.ckpt"
     torch.save({f"{KQ}.lora_down.weight": torch.zeros(4, 64)}, path)
     refused(read_lora_file, path, match="pickle", error=MorphkitError)
+
+
+# ---- images, frames and datasets ---------------------------------------------------------------------------
+
+def crafted_gif(path, width, height, frames):
+    """A GIF whose header declares a `width` x `height` canvas, holding `frames` 1x1 frames: a few hundred bytes."""
+    out = bytearray(b"GIF89a" + width.to_bytes(2, "little") + height.to_bytes(2, "little") + b"\x80\x00\x00")
+    out += b"\x00\x00\x00\xff\xff\xff"  # a two-colour global palette
+    for _ in range(frames):
+        out += b"\x21\xf9\x04\x04\x0a\x00\x00\x00"  # graphic control: 100 ms, keep the canvas
+        out += b"\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00" + b"\x02\x02\x44\x01\x00"  # one 1x1 image
+    path.write_bytes(bytes(out + b"\x3b"))
+    return path
+
+
+@pytest.mark.parametrize("width, height, frames", [(8000, 8000, 40), (30000, 30000, 1), (4000, 4000, 400)])
+def test_gif_memory_bombs_are_refused_before_decoding(tmp_path, photo, width, height, frames):
+    from morphkit.metrics import read_frames
+
+    bomb = crafted_gif(tmp_path / "bomb.gif", width, height, frames)
+    assert bomb.stat().st_size < 10_000
+    refused(read_frames, bomb, match="megapixels", error=MorphkitError)
+    cli_refuses(["eval", str(bomb), "--a", str(photo), "--b", str(photo)], "megapixels")
+
+
+def test_a_frame_folder_too_large_together_is_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from morphkit import images
+    from morphkit.metrics import read_frames
+
+    for i in range(3):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"frame_{i}.png")
+    monkeypatch.setattr(images, "MAX_SEQUENCE_PIXELS", 2 * 64 * 64)
+    monkeypatch.setattr(images, "open_image", lambda *_: pytest.fail("decoded before the limit was checked"))
+    refused(read_frames, tmp_path, match="megapixels", error=MorphkitError)
+
+
+def test_fifo_and_devices_as_frames_or_images_say_what_they_are(tmp_path, photo):
+    from morphkit.images import open_image
+    from morphkit.metrics import read_frames
+
+    fifo = tmp_path / "frames.gif"
+    os.mkfifo(fifo)
+    refused(read_frames, fifo, match="FIFO", error=MorphkitError)
+    refused(open_image, fifo, match="FIFO", error=MorphkitError)
+    refused(open_image, "/dev/zero", match="character device", error=MorphkitError)
+    cli_refuses(["eval", str(fifo), "--a", str(photo), "--b", str(photo)], "FIFO")
+    cli_refuses(["invert", str(fifo), "--model", "tiny"], "FIFO")
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "link.png"])
+def test_dataset_entries_outside_their_folder_are_refused(tmp_path, name):
+    from PIL import Image
+
+    from morphkit.data import load_examples
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "outside.png")
+    (data / "link.png").symlink_to(tmp_path / "outside.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "x"}) + "\n")
+    refused(load_examples, data, match="outside the dataset folder", error=MorphkitError)
+    cli_refuses(["train", str(data), "--model", "tiny", "-o", str(tmp_path / "out")], "outside the dataset folder")
+    assert not (tmp_path / "out").exists()
