@@ -35,6 +35,7 @@ def check_can_write(path: str | os.PathLike, overwrite: bool, what: str = "outpu
         )
     if path.is_dir():
         raise OutputExistsError(f"The {what} {path} is a directory; a file was expected there.")
+    check_writable(path.parent, f"folder for the {what}")
     return path
 
 
@@ -126,12 +127,14 @@ def check_room(folder: str | os.PathLike, need: int, what: str = "the outputs", 
                             f"{free / 2**20:.0f} MB are free at {where}. Free some space or choose another {option}.")
 
 
-def check_writable(folder: str | os.PathLike, what: str = "output folder", option: str = "--output-dir") -> Path:
-    """Check, before any work, that `folder` can be created (if missing) and written; raise `OutputExistsError`."""
+def check_writable(folder: str | os.PathLike, what: str = "output folder", option: str | None = None) -> Path:
+    """Check, before any work, that `folder` can be created (if missing) and written; raise `OutputExistsError`
+    naming `option` (the CLI option that chose the folder) when given."""
     folder = Path(folder)
     where = existing_parent(folder)
+    named = f" ({option})" if option else ""
     if not where.is_dir():
-        raise OutputExistsError(f"The {what} {folder} ({option}) cannot be made: {where} is a file, not a folder.")
+        raise OutputExistsError(f"The {what} {folder}{named} cannot be made: {where} is a file, not a folder.")
     try:  # the real test: make something there (os.access is fooled by read-only mounts, ACLs and root)
         if where == folder.absolute():
             with tempfile.TemporaryFile(dir=folder):
@@ -141,8 +144,8 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder", optio
         return folder
     except OSError as e:
         reason = e.strerror or str(e)
-    raise OutputExistsError(f"The {what} {folder} ({option}) cannot be written ({reason} at {where}). Choose a folder "
-                            f"you can write to with {option}.")
+    raise OutputExistsError(f"The {what} {folder}{named} cannot be written ({reason} at {where}). Choose a folder "
+                            f"you can write to{f' with {option}' if option else ''}.")
 
 
 # ---------------------------------------------------------------------------------------------

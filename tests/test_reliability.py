@@ -331,6 +331,8 @@ def test_unwritable_folders_and_a_full_disk_fail_before_the_model_loads(tmp_path
     result = runner.invoke(app, ["train", str(pair[0]), "-p", "x", "--model", "tiny", "-o",
                                  str(unwritable(tmp_path)), "--steps", "1"])
     assert result.exit_code != 0 and "cannot be written" in result.output and "Unexpected" not in result.output
+    result = runner.invoke(app, ["invert", str(pair[0]), "--model", "tiny", "--output-dir", str(unwritable(tmp_path))])
+    assert result.exit_code != 0 and "cannot be written" in result.output and "Unexpected" not in result.output
 
 
 # ---- 9, 14. names and seeds, refused before any file is written ---------------------------------------------

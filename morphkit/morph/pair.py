@@ -26,7 +26,8 @@ from ..inversion import DDIMSchedule, ddim_schedule
 from ..io import check_regular_file, sha256_file
 from ..lora import adapter_metadata, load_lora, lora_state_dict, save_lora
 from ..lora_files import read_lora_file
-from ..models import PICKLE_SUFFIXES, encode_image, encode_prompt, load_pipeline, module_precision, resolve_device, stage_precision
+from ..models import (PICKLE_SUFFIXES, encode_image, encode_prompt, load_pipeline, module_precision,
+                      resolve_device, stage_precision)
 from ..stages import Stages
 from .sampling import ADAPTERS, invert_under_loras
 from .settings import MorphSettings
