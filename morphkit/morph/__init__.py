@@ -18,16 +18,19 @@ The package, one concept a module:
 - `sampling`: `render_frames` (many frames per UNet call, each with its own α) and `invert_under_loras`;
 - `pair`: `prepare_pair` / `prepare_keyframes`, the slow stage (LoRAs and inversions), returning a `PreparedPair`
   (or `PreparedKeyframes`, whose `segment(i)` is the pair of keyframes i and i+1);
-- `job`: `render_morph` / `pace` / `export_morph`, and `morph`, their composition;
+- `job`: the stages after preparing: `render_morph` / `pace` / `export_morph`;
 - `chain`: keyframe chains (A → B → C ..., `loop` back to A): `render_chain` (frames shared out by each
-  segment's perceptual length, even pacing over the whole chain) and `morph_chain`.
+  segment's perceptual length, even pacing over the whole chain);
+- `run`: the whole jobs, `morph` (two images) and `morph_chain` (keyframes), each a short list of steps over
+  the stages.
 """
 
 from .attention import AttentionStore, attention_steps, check_attn_lambda, up_block_self_attention
 from .interpolation import (adain, alpha_schedule, channel_stats, even_alphas, interp, lerp, moved_frames, slerp,
                             start_latents)
-from .chain import allot_steps, morph_chain, render_chain, respace
-from .job import MorphResult, Rendered, export_morph, morph, pace, render_alphas, render_morph
+from .chain import allot_steps, render_chain, respace
+from .job import MorphResult, Rendered, export_morph, pace, render_alphas, render_morph
+from .run import morph, morph_chain
 from .pair import PreparedKeyframes, PreparedPair, prepare_keyframes, prepare_pair
 from .sampling import ADAPTERS, invert_under_loras, render_frames
 from .settings import PACINGS, MorphSettings, check_pacing

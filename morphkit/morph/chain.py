@@ -27,8 +27,8 @@ from ..progress import tqdm
 from ..stages import Stages
 from .attention import AttentionStore, attention_steps
 from .interpolation import interp
-from .job import MorphResult, Rendered, exact_ends_apart, export_morph, render_alphas, render_precisions
-from .pair import PreparedKeyframes, PreparedPair, check_keyframes, prepare_keyframes
+from .job import Rendered, exact_ends_apart, render_alphas, render_precisions
+from .pair import PreparedKeyframes, PreparedPair
 from .settings import MorphSettings
 
 # ---------------------------------------------------------------------------------------------
@@ -215,46 +215,3 @@ def check_chain_frames(settings: MorphSettings, keyframes: int) -> int:
                           f"frame, so give at least {keyframes} (and more for the frames between them).")
     segments = keyframes if settings.loop else keyframes - 1
     return settings.frames - keyframes + segments
-
-
-# ---------------------------------------------------------------------------------------------
-# the whole job
-
-
-def morph_chain(images, settings: MorphSettings | None = None, *, config=None, pipe=None, progress: bool = True,
-                **options) -> MorphResult:
-    """Morph through two or more keyframes (`images`: paths or PIL images) in order, and back to the first with
-    `loop`; write a GIF, an MP4 and PNG frames. Settings as `morph` takes them; `prompt_for` gives each
-    keyframe its prompt. Two images without `loop` are exactly `morph(image_a, image_b)`."""
-    from ..metrics import get_distance
-    from ..models import resolve_device
-    from .job import morph, output_folder
-
-    # 1. settings, inputs and outputs: everything that can be checked before the model loads
-    settings = MorphSettings.resolve(config, base=settings, **options)
-    images = list(images)
-    if len(images) == 2 and not settings.loop:
-        return morph(images[0], images[1], settings, pipe=pipe, progress=progress)
-    originals = check_keyframes(images, settings)
-    check_chain_frames(settings, len(images))
-    if settings.pacing == "even":  # a distance asked for by name that cannot run here fails now, not after the fit
-        get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
-    out = output_folder(images, settings)
-
-    # 2. the keyframes: LoRAs and inversions (from the cache where it has them)
-    prepared = prepare_keyframes(images, settings, pipe=pipe, progress=progress, originals=originals)
-
-    # 3. the frames, evenly paced over the whole chain
-    rendered = render_chain(prepared, settings, progress=progress)
-
-    # 4. the files
-    stages = Stages(prepared.pipe.unet.device)
-    stages.begin()
-    paths = export_morph(rendered.frames, settings, out) if out is not None else {}
-    stages.end("export")
-    return MorphResult(rendered.frames, rendered.alphas, out, paths,
-                       {**prepared.timings, **rendered.timings, **stages.seconds}, prepared.hits,
-                       {**prepared.peak_memory, **rendered.peak_memory, **stages.peak_bytes},
-                       rendered.attention_steps, rendered.attention_bytes, settings.pacing, rendered.distance, rendered.rerendered,
-                       rendered.first_distances, rendered.distances, {**prepared.precisions, **rendered.precisions},
-                       settings.inversion_method.describe(), rendered.keyframes, rendered.segments)

@@ -1,4 +1,4 @@
-"""The morph as stages: prepare a pair, render it, pace it, export it; and `morph`, their composition.
+"""The morph's stages after preparing: render a prepared pair, pace it, export it (`run.morph` composes them).
 
     prepare_pair(A, B, settings) ─► PreparedPair          (fit + invert: slow, cached, done once)
     render_morph(prepared, settings) ─► Rendered          (a first pass at evenly spaced α, then `pace`)
@@ -26,7 +26,7 @@ from ..progress import tqdm
 from ..stages import Stages, check_finite
 from .attention import AttentionStore, attention_steps
 from .interpolation import alpha_schedule, even_alphas, moved_frames
-from .pair import PreparedPair, check_pair, prepare_pair
+from .pair import PreparedPair
 from .sampling import ADAPTERS, render_frames
 from .settings import MorphSettings
 
@@ -224,50 +224,3 @@ def export_morph(frames: list[Image.Image], settings: MorphSettings, output_dir:
     overwrite = settings.overwrite if overwrite is None else overwrite
     return write_outputs(output_dir, frames, settings.formats, settings.frame_duration, settings.gif_loops,
                          settings.back_and_forth, overwrite)
-
-
-# ---------------------------------------------------------------------------------------------
-# the whole job
-
-
-def morph(image_a, image_b, settings: MorphSettings | None = None, *, config=None, pipe=None,
-          progress: bool = True, **options) -> MorphResult:
-    """Morph image A into image B and write a GIF, an MP4 and PNG frames (any of them, or none).
-
-    Settings come from `settings` (a `MorphSettings`), then a `config` file (JSON or TOML), then keyword
-    `options` named as the fields of `MorphSettings` (`frames=24, attn_lambda=0.6, ...`). Images are paths or
-    PIL images; see `prepare_pair` for how they are sized. The stages, each callable alone: `prepare_pair`,
-    `render_morph` (with `pace`), `export_morph`. With `loop`, A to B and back to A (see `morph_chain`).
-    """
-    from ..metrics import get_distance
-    from ..models import resolve_device
-
-    # 1. settings, inputs and outputs: everything that can be checked before the model loads
-    settings = MorphSettings.resolve(config, base=settings, **options)
-    if settings.loop:
-        from .chain import morph_chain
-
-        return morph_chain([image_a, image_b], settings, pipe=pipe, progress=progress)
-    originals = check_pair(image_a, image_b, settings)
-    if settings.paced:  # a distance asked for by name that cannot run here fails now, not after the fit
-        get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
-    out = output_folder([image_a, image_b], settings)
-
-    # 2. the pair: LoRAs and inversions (from the cache where it has them)
-    prepared = prepare_pair(image_a, image_b, settings, pipe=pipe, progress=progress, originals=originals)
-
-    # 3. the frames, evenly paced
-    rendered = render_morph(prepared, settings, progress=progress)
-
-    # 4. the files
-    stages = Stages(prepared.pipe.unet.device)
-    stages.begin()
-    paths = export_morph(rendered.frames, settings, out) if out is not None else {}
-    stages.end("export")
-    return MorphResult(rendered.frames, rendered.alphas, out, paths,
-                       {**prepared.timings, **rendered.timings, **stages.seconds}, prepared.hits,
-                       {**prepared.peak_memory, **rendered.peak_memory, **stages.peak_bytes},
-                       rendered.attention_steps, rendered.attention_bytes, settings.pacing, rendered.distance,
-                       rendered.rerendered, rendered.first_distances, rendered.distances,
-                       {**prepared.precisions, **rendered.precisions}, settings.inversion_method.describe(),
-                       rendered.keyframes, rendered.segments)
