@@ -398,6 +398,9 @@ def _write_inversion(paths: dict, noise, z0, reconstruction, settings: dict, rep
     from .images import save_image
     from .io import atomic_write, check_can_write, write_json
 
+    from .stages import check_finite
+
+    check_finite(noise, "inversion", "Lower --guidance, or run in fp32 (--dtype fp32); nothing was written.")
     meta = {key: value if isinstance(value, str) else json.dumps(value) for key, value in settings.items()}
     with atomic_write(check_can_write(paths["noise"], overwrite, "inverted noise")) as tmp:
         save_file({"noise": noise.cpu().contiguous(), "latent": z0.cpu().contiguous()}, str(tmp), metadata=meta)

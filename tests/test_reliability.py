@@ -144,6 +144,13 @@ def test_no_non_finite_tensor_reaches_the_cache_or_a_checkpoint(tmp_path, tiny_p
     with pytest.raises(NumericalError, match="nothing was written"):
         save_single_file(tiny_pipe, tmp_path / "model.safetensors", dtype=torch.float32)
     assert not (tmp_path / "model.safetensors").exists()
+    from morphkit.inversion import _write_inversion
+
+    paths = {k: tmp_path / f"inv.{k}" for k in ("noise", "reconstruction", "report")}
+    paths["noise"] = tmp_path / "noise.safetensors"
+    with pytest.raises(NumericalError, match="inversion produced NaN"):
+        _write_inversion(paths, torch.full((1, 4, 2, 2), float("nan")), torch.zeros(1, 4, 2, 2), None, {}, {}, False)
+    assert not paths["noise"].exists()
 
 
 def test_a_render_that_overflows_stops_before_any_file(tmp_path, monkeypatch):
