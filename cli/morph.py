@@ -17,6 +17,51 @@ PICKLE_HELP = ("Allow a pickled .ckpt/.pt/.bin --model (loaded with weights_only
                "LoRA files must be .safetensors.")
 
 
+HELP = {  # the longer help texts, apart, so that the command's signature reads one option a line
+    "attn_lambda": (
+        "Self-attention interpolation: for this fraction of the sampling steps (from the start) the "
+        "in-between frames' self-attention in the UNet's up blocks takes its keys and values from the two end "
+        "frames, interpolated by the frame's α (DiffMorpher's lambda). Smooths the structure of the "
+        "in-between frames. 0 turns it off; 1 uses it at every step. [default: 0.6]"
+    ),
+    "adain": (
+        "AdaIN: give each in-between frame's starting noise the per-channel mean and std interpolated from "
+        "the two inverted noises, so that colour and brightness go smoothly from A to B instead of fading in "
+        "the middle. [default: on]"
+    ),
+    "pacing": (
+        "even (default): after a first pass, move each frame's α so that consecutive frames are equally far "
+        "apart (no rush through the middle) and render again only the frames whose α moved: up to frames-2 "
+        "extra frame renders. linear: α evenly spaced, one pass, faster, but the morph can jump where the "
+        "images change fastest."
+    ),
+    "distance": (
+        "How --pacing even measures the distance between frames: lpips (perceptual; needs the lpips package "
+        "and its AlexNet weights already on this machine), l2 (RMS pixel difference, no weights), or auto "
+        "(lpips when it can run, else l2). The summary names the one used. [default: auto]"
+    ),
+    "lora_blend": (
+        "How a frame blends the two LoRAs at its α. adapters (default): the weighted sum of the two LoRA "
+        "updates, (1-α)ΔW_A + αΔW_B. factors: DiffMorpher's way, the A and B factors interpolated separately, "
+        "((1-α)B_A + αB_B)((1-α)A_A + αA_B); needs LoRAs of the same rank."
+    ),
+    "compile_unet": (
+        "Render through torch.compile. The first run waits for the compiler (a minute or more on a cold cache; "
+        "torch keeps compiled graphs on disk for later runs), then rendering is faster. Worth it for long renders "
+        "and repeated runs; measured figures in benchmarks/README.md."
+    ),
+    "tuning_free": (
+        "Fit no LoRA: invert and render with the base model alone (DiffMorpher users' no_lora). Much faster; "
+        "exact inversion still brings the ends back, the in-between frames follow the base model more."
+    ),
+    "inversion": (
+        "fixed-point (default): each DDIM inversion step solved exactly by fixed-point iteration, so the first "
+        "and last frames come back as the inputs (to the VAE's own round trip). ddim: plain DDIM inversion, one "
+        "UNet call per step, with a visible error at the ends."
+    ),
+}
+
+
 def morph(
     images: list[Path] = typer.Argument(..., help=(
         "Two or more images (keyframes), morphed in order into one continuous morph. The first sets the frame "
@@ -52,47 +97,14 @@ def morph(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help=PICKLE_HELP),
-    attn_lambda: Optional[float] = typer.Option(None, "--attn-lambda", help=(
-        "Self-attention interpolation: for this fraction of the sampling steps (from the start) the "
-        "in-between frames' self-attention in the UNet's up blocks takes its keys and values from the two end "
-        "frames, interpolated by the frame's α (DiffMorpher's lambda). Smooths the structure of the "
-        "in-between frames. 0 turns it off; 1 uses it at every step. [default: 0.6]"
-    )),
-    adain: Optional[bool] = typer.Option(None, "--adain/--no-adain", help=(
-        "AdaIN: give each in-between frame's starting noise the per-channel mean and std interpolated from "
-        "the two inverted noises, so that colour and brightness go smoothly from A to B instead of fading in "
-        "the middle. [default: on]"
-    )),
-    pacing: Optional[str] = typer.Option(None, "--pacing", help=(
-        "even (default): after a first pass, move each frame's α so that consecutive frames are equally far "
-        "apart (no rush through the middle) and render again only the frames whose α moved: up to frames-2 "
-        "extra frame renders. linear: α evenly spaced, one pass, faster, but the morph can jump where the "
-        "images change fastest."
-    )),
-    distance: Optional[str] = typer.Option(None, "--distance", help=(
-        "How --pacing even measures the distance between frames: lpips (perceptual; needs the lpips package "
-        "and its AlexNet weights already on this machine), l2 (RMS pixel difference, no weights), or auto "
-        "(lpips when it can run, else l2). The summary names the one used. [default: auto]"
-    )),
-    lora_blend: Optional[str] = typer.Option(None, "--lora-blend", help=(
-        "How a frame blends the two LoRAs at its α. adapters (default): the weighted sum of the two LoRA "
-        "updates, (1-α)ΔW_A + αΔW_B. factors: DiffMorpher's way, the A and B factors interpolated separately, "
-        "((1-α)B_A + αB_B)((1-α)A_A + αA_B); needs LoRAs of the same rank."
-    )),
-    compile_unet: Optional[bool] = typer.Option(None, "--compile", help=(
-        "Render through torch.compile. The first run waits for the compiler (a minute or more on a cold cache; "
-        "torch keeps compiled graphs on disk for later runs), then rendering is faster. Worth it for long renders "
-        "and repeated runs; measured figures in benchmarks/README.md."
-    )),
-    tuning_free: Optional[bool] = typer.Option(None, "--tuning-free", help=(
-        "Fit no LoRA: invert and render with the base model alone (DiffMorpher users' no_lora). Much faster; "
-        "exact inversion still brings the ends back, the in-between frames follow the base model more."
-    )),
-    inversion: Optional[str] = typer.Option(None, "--inversion", help=(
-        "fixed-point (default): each DDIM inversion step solved exactly by fixed-point iteration, so the first "
-        "and last frames come back as the inputs (to the VAE's own round trip). ddim: plain DDIM inversion, one "
-        "UNet call per step, with a visible error at the ends."
-    )),
+    attn_lambda: Optional[float] = typer.Option(None, "--attn-lambda", help=HELP["attn_lambda"]),
+    adain: Optional[bool] = typer.Option(None, "--adain/--no-adain", help=HELP["adain"]),
+    pacing: Optional[str] = typer.Option(None, "--pacing", help=HELP["pacing"]),
+    distance: Optional[str] = typer.Option(None, "--distance", help=HELP["distance"]),
+    lora_blend: Optional[str] = typer.Option(None, "--lora-blend", help=HELP["lora_blend"]),
+    compile_unet: Optional[bool] = typer.Option(None, "--compile", help=HELP["compile_unet"]),
+    tuning_free: Optional[bool] = typer.Option(None, "--tuning-free", help=HELP["tuning_free"]),
+    inversion: Optional[str] = typer.Option(None, "--inversion", help=HELP["inversion"]),
     inversion_iterations: Optional[int] = typer.Option(None, "--inversion-iterations", help="Most fixed-point iterations per inversion step. [default: 5]"),
     inversion_tolerance: Optional[float] = typer.Option(None, "--inversion-tolerance", help="A step stops iterating once its latent changes by less than this, relatively. [default: 1e-6]"),
     fp32_ends: Optional[bool] = typer.Option(None, "--fp32-ends/--no-fp32-ends", help="On a model in fp16/bf16, invert and render the end frames in fp32 (the other frames stay in the model's precision). [default: on]"),
