@@ -194,6 +194,7 @@ def plan_outputs(folder: str | os.PathLike, formats, overwrite: bool = False, ne
     if os.path.lexists(folder) and not folder.is_dir():
         raise OutputExistsError(f"The output folder {folder} is a file. Choose another {option}.")
     check_writable(folder, "output folder", option)
+    sweep_stale(folder)  # what runs killed mid-write left: their temporaries (only those of dead processes)
     targets = {f: folder / TARGETS[f] for f in formats}
     taken = [str(p) for p in targets.values() if os.path.lexists(p)]
     if taken and not overwrite:
@@ -279,8 +280,8 @@ def write_outputs(folder: str | os.PathLike, frames: list[Image.Image], formats,
                   back_and_forth: bool = False, overwrite: bool = False) -> dict[str, Path]:
     """Write `frames` as each of `formats` into `folder`; returns {format: path}.
 
-    Under the folder's lock: stale temporaries of dead runs are swept, the plan is checked again (another run
-    may have written meanwhile), the manifest lists what is about to be written, then each file is written
+    Under the folder's lock: the plan is checked again (another run may have written meanwhile; stale
+    temporaries of dead runs are swept), the manifest lists what is about to be written, then each file is written
     to a temporary name, checked complete, and renamed into place.
     """
     folder = Path(folder)
@@ -289,8 +290,7 @@ def write_outputs(folder: str | os.PathLike, frames: list[Image.Image], formats,
     except OSError as e:
         raise no_room_error(e, folder) from None
     with folder_lock(folder):
-        sweep_stale(folder)
-        plan = plan_outputs(folder, formats, overwrite)
+        plan = plan_outputs(folder, formats, overwrite)  # again: another run may have written meanwhile
         old = read_manifest(folder) or set()
         names = {f"frames/{frame_name(i, len(frames))}" for i in range(len(frames))} if "png" in formats else set()
         kept = {f for f in old if not ("png" in formats and f.startswith("frames/"))}
