@@ -264,6 +264,53 @@ def check_lora_files(loras, allow_pickle: bool = False) -> list[tuple[LoraFile, 
     return specs
 
 
+def readable_images(images) -> tuple[list[Path], list[Path], dict[Path, str]]:
+    """The image files named by `images`, those that open, and why each other one does not.
+
+    Raises `InputError` when none opens: there is nothing to stylize."""
+    files = collect_images(images)
+    failed: dict[Path, str] = {}
+    for file in files:
+        try:
+            open_image(file)
+        except InputError as e:
+            failed[file] = str(e)
+    todo = [f for f in files if f not in failed]
+    if not todo:
+        raise InputError(" ".join(failed.values()) if len(failed) == 1 else
+                         "None of the images could be read: " + " ".join(failed.values()))
+    return files, todo, failed
+
+
+def planned_outputs(todo: list[Path], out: Path, overwrite: bool) -> dict[Path, dict[str, Path]]:
+    """The files each image will write into `out`; refused when they exist and `overwrite` is not given."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"The output folder {out} is a file. Choose another --output-dir.")
+    targets = output_paths(todo, out)
+    taken = [str(p) for t in targets.values() for p in t.values() if p.exists()]
+    if taken and not overwrite:
+        shown = ", ".join(taken[:4]) + (f" and {len(taken) - 4} more" if len(taken) > 4 else "")
+        raise OutputExistsError(f"{shown} already exist{'s' if len(taken) == 1 else ''}. Pass --overwrite to "
+                                "replace them, or choose another --output-dir.")
+    return targets
+
+
+def stylize_pipeline(pipe, model: str, controlnet: str | None, *, device=None, dtype=None, allow_pickle=False):
+    """The ControlNet img2img pipeline: `pipe` itself if it is one, else `pipe` (or `model`, loaded) with the
+    ControlNet added (`controlnet`, by default `tiny` for the tiny model and `DEFAULT_CONTROLNET` otherwise)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    if isinstance(pipe, StableDiffusionControlNetImg2ImgPipeline):
+        check_controlnet_fits(pipe.controlnet, pipe.unet)
+        return pipe
+    if pipe is None:
+        pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    if controlnet is None:
+        controlnet = TINY_NAME if str(model) == TINY_NAME else DEFAULT_CONTROLNET
+    net = load_controlnet(controlnet, device=pipe.unet.device, dtype=pipe.unet.dtype, allow_pickle=allow_pickle)
+    return controlnet_pipeline(pipe, net)
+
+
 def stylize(
     images,
     lora=(),
@@ -307,52 +354,41 @@ def stylize(
     # 1. everything that can be checked before the model is loaded
     check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed, canny_low, canny_high, resolution)
     specs = check_lora_files(lora, allow_pickle)
-    files = collect_images(images)
-    failed: dict[Path, str] = {}
-    for file in files:
-        try:
-            open_image(file)
-        except InputError as e:
-            failed[file] = str(e)
-    todo = [f for f in files if f not in failed]
-    if not todo:
-        raise InputError(" ".join(failed.values()) if len(failed) == 1 else
-                         "None of the images could be read: " + " ".join(failed.values()))
+    files, todo, failed = readable_images(images)
     out = Path(output_dir or Path("outputs") / "stylize") if save else None
-    targets = {}
-    if save:
-        if out.exists() and not out.is_dir():
-            raise OutputExistsError(f"The output folder {out} is a file. Choose another --output-dir.")
-        targets = output_paths(todo, out)
-        taken = [str(p) for t in targets.values() for p in t.values() if p.exists()]
-        if taken and not overwrite:
-            shown = ", ".join(taken[:4]) + (f" and {len(taken) - 4} more" if len(taken) > 4 else "")
-            raise OutputExistsError(f"{shown} already exist{'s' if len(taken) == 1 else ''}. Pass --overwrite to "
-                                    "replace them, or choose another --output-dir.")
+    targets = planned_outputs(todo, out, overwrite) if save else {}
 
     # 2. the model and its ControlNet, loaded once
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline
-    from .progress import bar_options, tqdm
+    from .progress import bar_options
 
     stages = Stages(pipe.unet.device if pipe is not None else resolve_device(device))
     stages.begin()
-    if isinstance(pipe, StableDiffusionControlNetImg2ImgPipeline):
-        cn_pipe = pipe
-        check_controlnet_fits(cn_pipe.controlnet, cn_pipe.unet)
-    else:
-        if pipe is None:
-            pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-        if controlnet is None:
-            controlnet = TINY_NAME if str(model) == TINY_NAME else DEFAULT_CONTROLNET
-        net = load_controlnet(controlnet, device=pipe.unet.device, dtype=pipe.unet.dtype, allow_pickle=allow_pickle)
-        cn_pipe = controlnet_pipeline(pipe, net)
+    cn_pipe = stylize_pipeline(pipe, model, controlnet, device=device, dtype=dtype, allow_pickle=allow_pickle)
     cn_pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising", **bar_options())
     unet = cn_pipe.unet
     resolution = resolution or 8 * unet.config.sample_size
     stages.end("load")
 
-    # 3. the LoRAs, into the UNet before any image is drawn (a LoRA that does not fit raises LoRAError here)
-    stylized: list[Stylized] = []
+    # 3. the LoRAs, into the UNet before any image is drawn (a LoRA that does not fit raises LoRAError here);
+    # 4. each image: size policy, edges, img2img, files
+    stylized = stylize_images(cn_pipe, specs, lora_scale, todo, targets, failed, resolution, canny_low, canny_high,
+                              overwrite, progress, prompt=prompt, negative_prompt=negative_prompt, strength=strength,
+                              guidance=guidance, controlnet_scale=controlnet_scale, steps=steps, seed=seed)
+    stages.end("stylize")
+    order = {f: i for i, f in enumerate(files)}
+    failed = dict(sorted(failed.items(), key=lambda item: order[item[0]]))
+    return StylizeResult(stylized, failed, [(f.path, w * lora_scale) for f, w in specs], out, stages.seconds,
+                         stages.peak_bytes)
+
+
+def stylize_images(cn_pipe, specs, lora_scale: float, todo: list[Path], targets: dict, failed: dict[Path, str],
+                   resolution: int, canny_low, canny_high, overwrite: bool, progress: bool, **draw) -> list[Stylized]:
+    """Draw each image of `todo` under the LoRAs `specs` (each at its weight x `lora_scale`); an image that fails
+    goes into `failed` with its message and the others are still done. The UNet and text encoder come back as
+    they were."""
+    from .progress import tqdm
+
+    unet, stylized = cn_pipe.unet, []
     try:
         # plain LoRAs run as adapters; other kinds (LoHa, LoKr, DoRA, diffs) and text-encoder parts are added to
         # the weights for the run by their own math, and put back bit for bit afterwards
@@ -360,13 +396,10 @@ def stylize(
         weights = {name: w * lora_scale for name, w in weights.items()}
         scaled = [(lora_file, w * lora_scale) for lora_file, w in specs]
         with adapter_weights(unet, weights), merged_updates(cn_pipe, scaled, ("unet", "text_encoder"), only_merged=True):
-            # 4. each image: size policy, edges, img2img, files
             for file in tqdm(todo, desc="stylizing", unit="image", disable=not progress):
                 try:
                     stylized.append(_stylize_one(cn_pipe, file, targets.get(file), resolution, canny_low, canny_high,
-                                                 overwrite, prompt=prompt, negative_prompt=negative_prompt,
-                                                 strength=strength, guidance=guidance,
-                                                 controlnet_scale=controlnet_scale, steps=steps, seed=seed))
+                                                 overwrite, **draw))
                 except MorphkitError as e:
                     failed[file] = str(e)
                 except Exception as e:  # one image's trouble (say, out of memory) must not lose the others
@@ -376,11 +409,7 @@ def stylize(
         for i in range(len(specs)):
             if f"{ADAPTER_PREFIX}{i}" in getattr(unet, "peft_config", {}):
                 unet.delete_adapters(f"{ADAPTER_PREFIX}{i}")
-    stages.end("stylize")
-    order = {f: i for i, f in enumerate(files)}
-    failed = dict(sorted(failed.items(), key=lambda item: order[item[0]]))
-    return StylizeResult(stylized, failed, [(f.path, w * lora_scale) for f, w in specs], out, stages.seconds,
-                         stages.peak_bytes)
+    return stylized
 
 
 def _stylize_one(cn_pipe, file: Path, targets: dict[str, Path] | None, resolution: int, canny_low, canny_high,
