@@ -592,6 +592,54 @@ def fit_loras(
     return {name: TrainResult(lora_path=None, steps=steps, losses=losses[name], resumed_from=0) for name in names}
 
 
+def lora_files(out: Path, name: str, lora_format: str) -> dict[Path, str]:
+    """The LoRA files a run writes, each with its format: kohya, diffusers, or both (two files)."""
+    if lora_format not in ("kohya", "diffusers", "both"):
+        raise ConfigError(f"Unknown LoRA format {lora_format!r} (--format); choose kohya, diffusers or both.")
+    if lora_format == "diffusers":
+        warnings.warn(DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, stacklevel=3)
+    files = {out / f"{name}.safetensors": "diffusers" if lora_format == "diffusers" else "kohya"}
+    if lora_format == "both":
+        files[out / f"{name}.diffusers.safetensors"] = "diffusers"
+    return files
+
+
+def check_train_outputs(s: TrainSettings, out: Path, files: dict[Path, str], overwrite: bool, resume: bool) -> list:
+    """Refuse, before the model loads and before anything is written, what would lose or mix up work; sweep
+    what killed runs left behind. Returns the checkpoints found (oldest first)."""
+    checkpoints = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"The output folder {out} is a file.")
+    found = list_checkpoints(checkpoints)
+    existing = [p for p in files if p.exists()]
+    if existing and not overwrite and not (resume and found):  # resuming continues, then replaces it
+        raise OutputExistsError(f"The LoRA {existing[0]} already exists. Pass --overwrite to replace it, or --name / "
+                                "--output-dir for a new one.")
+    if found and not (resume or overwrite):
+        raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run. Pass --resume to continue it, or "
+                                "--overwrite to start afresh.")
+    check_writable(out, "output folder", "--output-dir")
+    check_room(out, s.rank * 2**20 * (len(files) + (3 * s.checkpoints_total_limit if s.checkpointing_steps else 0)),
+               "the LoRA and its checkpoints")
+    for folder in (out, checkpoints):  # what runs killed mid-write left behind
+        sweep_stale(folder)
+    return found
+
+
+def lora_header(s: TrainSettings, name: str, steps: int, examples, digest: str, metadata_prompt: bool) -> dict:
+    """What a trained LoRA's header records (`save_lora` writes it as kohya's `ss_*` and morphkit's own keys)."""
+    return {
+        "version": __version__, "base_model": s.model, "rank": s.rank, "alpha": s.shape.effective_alpha,
+        "targets": ",".join(s.targets), "steps": steps, "resolution": s.resolution, "seed": s.seed,
+        "data_hash": digest,
+        "settings": json.dumps({k: v for k, v in dataclasses.asdict(s).items() if metadata_prompt or k != "prompt"},
+                               sort_keys=True),
+        "tag_frequency": tag_frequency([ex.captions for ex in examples], s.data) if metadata_prompt else None,
+        "name": name, "num_images": len(examples), "learning_rate": s.learning_rate,
+        "lr_scheduler": s.lr_scheduler, "noise_offset": s.noise_offset,
+    }
+
+
 def train_lora(
     data: str | os.PathLike | None = None,
     prompt: str | None = None,
@@ -625,33 +673,9 @@ def train_lora(
     examples = load_examples(s.data, s.prompt)
     name = s.name or Path(s.data).stem or "lora"
     out = Path(s.output_dir or Path("outputs") / "lora" / name)
-    if lora_format not in ("kohya", "diffusers", "both"):
-        raise ConfigError(f"Unknown LoRA format {lora_format!r}; choose kohya, diffusers or both.")
-    if lora_format == "diffusers":
-        warnings.warn(DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, stacklevel=2)
-    lora_path = out / f"{name}.safetensors"
-    files = {lora_path: "diffusers" if lora_format == "diffusers" else "kohya"}
-    if lora_format == "both":
-        files[out / f"{name}.diffusers.safetensors"] = "diffusers"
-    checkpoints = out / "checkpoints"
-    log_path = out / "train_log.jsonl"
-
-    # Everything that can be refused is refused before the model is loaded, and before anything is written.
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"The output folder {out} is a file.")
-    found = list_checkpoints(checkpoints)
-    existing = [p for p in files if p.exists()]
-    if existing and not overwrite and not (resume and found):  # resuming continues, then replaces it
-        raise OutputExistsError(f"The LoRA {existing[0]} already exists. Pass --overwrite to replace it, or --name / "
-                                "--output-dir for a new one.")
-    if found and not (resume or overwrite):
-        raise OutputExistsError(f"{checkpoints} holds checkpoints of an earlier run. Pass --resume to continue it, or "
-                                "--overwrite to start afresh.")
-    check_writable(out, "output folder", "--output-dir")
-    check_room(out, s.rank * 2**20 * (len(files) + (3 * s.checkpoints_total_limit if s.checkpointing_steps else 0)),
-               "the LoRA and its checkpoints")
-    for folder in (out, checkpoints):  # what runs killed mid-write left behind
-        sweep_stale(folder)
+    files = lora_files(out, name, lora_format)
+    lora_path, checkpoints, log_path = next(iter(files)), out / "checkpoints", out / "train_log.jsonl"
+    found = check_train_outputs(s, out, files, overwrite, resume)
 
     digest = data_hash(examples)
     fingerprint = s.trajectory_hash(digest)
@@ -689,22 +713,7 @@ def train_lora(
         result = fit_lora(pipe, encoded, s, checkpoint_dir=checkpoints, resume=resume, fingerprint=fingerprint,
                           log=log, progress=progress)
 
-    info = {
-        "version": __version__,
-        "base_model": s.model,
-        "rank": s.rank,
-        "alpha": s.shape.effective_alpha,
-        "targets": ",".join(s.targets),
-        "steps": result.steps,
-        "resolution": resolution,
-        "seed": s.seed,
-        "data_hash": digest,
-        "settings": json.dumps({k: v for k, v in dataclasses.asdict(s).items() if metadata_prompt or k != "prompt"},
-                               sort_keys=True),
-        "tag_frequency": tag_frequency([ex.captions for ex in examples], s.data) if metadata_prompt else None,
-    }
-    info["name"], info["num_images"], info["learning_rate"] = name, len(examples), s.learning_rate
-    info["lr_scheduler"], info["noise_offset"] = s.lr_scheduler, s.noise_offset
+    info = lora_header(s, name, result.steps, examples, digest, metadata_prompt)
     state, peft_config = lora_state_dict(pipe.unet), adapter_metadata(pipe.unet)
     for path, fmt in files.items():
         save_lora(path, state, peft_config, info, overwrite=True, format=fmt)
