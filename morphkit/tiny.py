@@ -66,67 +66,13 @@ def _write_tokenizer(folder: Path):
 
 def build_tiny_pipeline(folder: str | os.PathLike, seed: int = TINY_SEED) -> Path:
     """Build the tiny model from `seed` and save it, diffusers-style, into `folder` (which must not exist)."""
-    from diffusers import (
-        AutoencoderKL,
-        ControlNetModel,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     folder = Path(folder)
     tokenizer, vocab_size = _write_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer")
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=TINY_UNET_CHANNELS,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        sample_size=TINY_RESOLUTION,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-    )
-    # A random VAE's latents are far smaller than a trained one's. Choose the scaling factor so that
-    # scaled latents of a smooth test pattern have unit std, as SD's 0.18215 does for real images.
-    with torch.no_grad():
-        ramp = torch.linspace(-1, 1, TINY_RESOLUTION)
-        pattern = torch.stack([ramp[None, :].expand(TINY_RESOLUTION, -1), ramp[:, None].expand(-1, TINY_RESOLUTION),
-                               (ramp[None, :] * ramp[:, None])])[None]
-        std = vae.encode(pattern).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=round(1.0 / std, 4))
-
+    text_encoder = _tiny_text_encoder(tokenizer, vocab_size, seed)
+    unet = _tiny_unet(seed + 1)
+    vae = _tiny_vae(seed + 2)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -147,7 +93,81 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = TINY_SEED) -> Pat
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    torch.manual_seed(seed + 3)
+    controlnet = _tiny_controlnet(unet, seed + 3)
+    pipe.save_pretrained(folder)
+    controlnet.save_pretrained(folder / "controlnet")
+    (folder / "MORPHKIT_TINY").write_text(f"{TINY_VERSION} seed={seed}\n")
+    return folder
+
+
+def _tiny_text_encoder(tokenizer, vocab_size: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _tiny_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=TINY_UNET_CHANNELS,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _tiny_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=TINY_RESOLUTION,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+    # A random VAE's latents are far smaller than a trained one's. Choose the scaling factor so that
+    # scaled latents of a smooth test pattern have unit std, as SD's 0.18215 does for real images.
+    with torch.no_grad():
+        ramp = torch.linspace(-1, 1, TINY_RESOLUTION)
+        pattern = torch.stack([ramp[None, :].expand(TINY_RESOLUTION, -1), ramp[:, None].expand(-1, TINY_RESOLUTION),
+                               (ramp[None, :] * ramp[:, None])])[None]
+        std = vae.encode(pattern).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 4))
+    return vae
+
+
+def _tiny_controlnet(unet, seed: int):
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
     # from_unet copies the UNet's weights; its zero convolutions start at zero, which would make the
     # tiny ControlNet a no-op. Give them small random weights so that edges change the output.
@@ -155,11 +175,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = TINY_SEED) -> Pat
         for name, param in controlnet.named_parameters():
             if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
                 param.normal_(0, 0.05)
-
-    pipe.save_pretrained(folder)
-    controlnet.save_pretrained(folder / "controlnet")
-    (folder / "MORPHKIT_TINY").write_text(f"{TINY_VERSION} seed={seed}\n")
-    return folder
+    return controlnet
 
 
 def tiny_model_path() -> Path:
