@@ -507,6 +507,20 @@ def fit_lora(
     return TrainResult(lora_path=None, steps=steps, losses=losses, resumed_from=start)
 
 
+def joint_steps(examples: dict[str, list[EncodedExample]], settings: TrainSettings) -> int:
+    """The one step count of LoRAs fitted together; refuses what `fit_loras` cannot batch."""
+    if settings.batch_size != 1 or settings.gradient_accumulation_steps != 1:
+        raise ConfigError("Fitting several LoRAs together takes batch_size 1 and no gradient accumulation; "
+                          "fit them one by one with fit_lora instead.")
+    shapes = {tuple(z.shape) for name in examples for ex in examples[name] for z in ex.latents}
+    if len(shapes) > 1:
+        raise ConfigError(f"Fitting several LoRAs together needs latents of one shape; these have {sorted(shapes)}.")
+    steps = {total_steps(settings, len(group)) for group in examples.values()}
+    if len(steps) > 1:
+        raise ConfigError("Fitting several LoRAs together needs one step count for all of them; give steps.")
+    return steps.pop()
+
+
 def fit_loras(
     pipe,
     examples: dict[str, list[EncodedExample]],
@@ -529,20 +543,10 @@ def fit_loras(
 
     from .lora import adapter_weights, one_hot_weights
 
-    if settings.batch_size != 1 or settings.gradient_accumulation_steps != 1:
-        raise ConfigError("Fitting several LoRAs together takes batch_size 1 and no gradient accumulation; "
-                          "fit them one by one with fit_lora instead.")
-    names = list(examples)
-    shapes = {tuple(z.shape) for name in names for ex in examples[name] for z in ex.latents}
-    if len(shapes) > 1:
-        raise ConfigError(f"Fitting several LoRAs together needs latents of one shape; these have {sorted(shapes)}.")
+    names, steps = list(examples), joint_steps(examples, settings)
     unet = pipe.unet
     device = unet.device
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    steps = {name: total_steps(settings, len(examples[name])) for name in names}
-    if len(set(steps.values())) > 1:
-        raise ConfigError("Fitting several LoRAs together needs one step count for all of them; give steps.")
-    steps = steps[names[0]]
     latent_size = (settings.resolution or 8 * unet.config.sample_size) // 8
 
     params = {}
