@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import NumericalError
-from .io import atomic_write, check_can_write
+from .io import atomic_write, check_can_write, check_room
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -125,6 +125,7 @@ def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype = torch.f
     if bad is not None:
         raise NumericalError(f"The checkpoint for {path} would hold NaN or infinite values ({bad}; in {dtype} a weight "
                              "overflowed), so nothing was written. Lower the LoRA weights, or write fp32.")
+    check_room(path.parent, sum(t.numel() * t.element_size() for t in tensors.values()), "the checkpoint", "--out")
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     return path

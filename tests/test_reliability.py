@@ -342,6 +342,16 @@ def test_unwritable_folders_and_a_full_disk_fail_before_the_model_loads(tmp_path
     assert result.exit_code != 0 and "cannot be written" in result.output and "Unexpected" not in result.output
 
 
+def test_a_checkpoint_larger_than_the_free_space_is_refused_before_writing(tmp_path, tiny_pipe, monkeypatch):
+    from morphkit import io as morphkit_io
+    from morphkit.checkpoint import save_single_file
+
+    monkeypatch.setattr(morphkit_io, "free_bytes", lambda path: 2**10)
+    with pytest.raises(DiskFullError, match="the checkpoint need about"):
+        save_single_file(tiny_pipe, tmp_path / "fused.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
 # ---- 9, 14. names and seeds, refused before any file is written ---------------------------------------------
 
 @pytest.mark.parametrize("option, value, words", [("--name", "../x", "plain file name"),
