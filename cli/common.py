@@ -7,8 +7,6 @@ from pathlib import Path
 
 import typer
 
-from morphkit.io import NO_ROOM, disk_full
-
 MODEL_HELP = (
     "Base model: a hub id (used from the local Hugging Face cache when there), a local diffusers folder, "
     "a single-file SD 1.5 .safetensors checkpoint, or 'tiny' (built-in test model)."
@@ -26,6 +24,7 @@ def fail(message: str, code: int = 1):
 def call(fn, *args, **kwargs):
     """Run an API function; turn morphkit's errors and Ctrl-C into a message and an exit code."""
     from morphkit.errors import MorphkitError
+    from morphkit.io import NO_ROOM, disk_full
 
     try:
         return fn(*args, **kwargs)
