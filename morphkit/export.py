@@ -29,6 +29,7 @@ MANIFEST = ".morphkit.json"  # what morphkit wrote in an output folder: the only
 LOCK = ".morphkit.lock"
 TARGETS = {"gif": "morph.gif", "mp4": "morph.mp4", "png": "frames"}
 _FRAME = re.compile(r"^frame_\d+\.png$")
+_HINT = "morphkit replaces only what it wrote there; move it away, or choose another --output-dir."
 
 
 def boomerang(frames: list[Image.Image]) -> list[Image.Image]:
@@ -84,7 +85,7 @@ def save_frames(frames: list[Image.Image], folder: str | os.PathLike, overwrite:
     if os.path.lexists(folder):
         if not overwrite:
             raise OutputExistsError(f"The frame folder {folder} already exists. Pass --overwrite to replace it.")
-        _check_replaceable(folder.parent, "png", None)
+        _check_frames(folder, read_manifest(folder.parent))
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(folder)
     try:
@@ -219,29 +220,37 @@ def _check_replaceable(folder: Path, fmt: str, manifest: set[str] | None) -> Non
     if not os.path.lexists(path):
         return
     mode = os.lstat(path).st_mode
-    hint = "morphkit replaces only what it wrote there; move it away, or choose another --output-dir."
     if stat.S_ISLNK(mode):
-        raise OutputExistsError(f"{path} is a symbolic link; {hint}")
+        raise OutputExistsError(f"{path} is a symbolic link; {_HINT}")
     if fmt != "png":
         if not stat.S_ISREG(mode):
-            raise OutputExistsError(f"{path} is not a regular file (a folder or a special file); {hint}")
+            raise OutputExistsError(f"{path} is not a regular file (a folder or a special file); {_HINT}")
         if manifest is not None and TARGETS[fmt] not in manifest:
             raise OutputExistsError(f"{path} was not written by morphkit (its manifest {folder / MANIFEST} does "
-                                    f"not list it); {hint}")
+                                    f"not list it); {_HINT}")
         return
-    if not stat.S_ISDIR(mode):
-        raise OutputExistsError(f"{path} is a file, not morphkit's frame folder; {hint}")
+    _check_frames(path, manifest)
+
+
+def _check_frames(path: Path, manifest: set[str] | None) -> None:
+    """A frame folder may be replaced when it is a real folder holding only morphkit's frames (never a link)."""
+    if not os.path.lexists(path):
+        return
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a file"
+        raise OutputExistsError(f"{path} is {kind}, not morphkit's frame folder; {_HINT}")
     with os.scandir(path) as entries:
-        foreign = sorted(e.name for e in entries if not _our_frame(e, manifest))
+        foreign = sorted(e.name for e in entries if not _our_frame(e, path.name, manifest))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputExistsError(f"The frame folder {path} holds files morphkit did not write ({shown}); {hint}")
+        raise OutputExistsError(f"The frame folder {path} holds files morphkit did not write ({shown}); {_HINT}")
 
 
-def _our_frame(entry: os.DirEntry, manifest: set[str] | None) -> bool:
+def _our_frame(entry: os.DirEntry, folder_name: str, manifest: set[str] | None) -> bool:
     if not entry.is_file(follow_symlinks=False):
         return False
-    return f"frames/{entry.name}" in manifest if manifest is not None else bool(_FRAME.match(entry.name))
+    return f"{folder_name}/{entry.name}" in manifest if manifest is not None else bool(_FRAME.match(entry.name))
 
 
 def read_manifest(folder: Path) -> set[str] | None:
@@ -294,7 +303,7 @@ def write_outputs(folder: str | os.PathLike, frames: list[Image.Image], formats,
         old = read_manifest(folder) or set()
         names = {f"frames/{frame_name(i, len(frames))}" for i in range(len(frames))} if "png" in formats else set()
         kept = {f for f in old if not ("png" in formats and f.startswith("frames/"))}
-        _record(folder, kept | names | {TARGETS[f] for f in formats if f != "png"})
+        _record(folder, old | names | {TARGETS[f] for f in formats if f != "png"})  # all that may exist meanwhile
         sequence = boomerang(frames) if back_and_forth else frames
         paths = {}
         if "gif" in formats:

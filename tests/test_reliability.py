@@ -223,6 +223,11 @@ def test_overwrite_replaces_only_what_morphkit_wrote(tmp_path):
     (out / "frames" / "notes.txt").unlink()
     write_outputs(out, frames(2), ("gif", "png"), 50, overwrite=True)  # fewer frames: the old ones go
     assert sorted(os.listdir(out / "frames")) == ["frame_000.png", "frame_001.png"]
+    shots = tmp_path / "shots"  # save_frames alone, into a folder of any name
+    save_frames(frames(), shots)
+    (shots / "x.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="x.txt"):
+        save_frames(frames(), shots, overwrite=True)
 
 
 @pytest.mark.parametrize("trap", ["frames is a file", "frames is a symlink", "gif is a symlink", "gif not ours"])
