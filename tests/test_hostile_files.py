@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from morphkit.errors import LoRAError, MorphkitError
 from morphkit.lora_files import kohya_module_name, lora_info, mix_loras, read_lora_file
+from tests.conftest import make_photo
 
 runner = CliRunner()
 LIMIT_S = 5.0
@@ -306,6 +307,9 @@ def test_fifo_and_devices_as_frames_or_images_say_what_they_are(tmp_path, photo)
     refused(open_image, "/dev/zero", match="character device", error=MorphkitError)
     cli_refuses(["eval", str(fifo), "--a", str(photo), "--b", str(photo)], "FIFO")
     cli_refuses(["invert", str(fifo), "--model", "tiny"], "FIFO")
+    other = make_photo(tmp_path / "other.png", seed=4)
+    cli_refuses(["morph", str(photo), str(other), "--model", "tiny", "--lora-a", str(fifo), "-o", str(tmp_path / "m")],
+                "FIFO")
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "link.png"])
