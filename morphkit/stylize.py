@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError, InputError, MorphkitError, OutputExistsError
+from .errors import ConfigError, InputError, MorphkitError, NumericalError, OutputExistsError
 from .images import check_resolution, list_images, open_image, resize_to_policy, save_image
 from .inversion import check_steps
 from .lora import adapter_weights, load_loras, merged_updates, parse_lora_spec
@@ -155,9 +155,13 @@ def render(cn_pipe, image: Image.Image, edges: np.ndarray, *, prompt: str = "", 
         guidance_scale=guidance,
         controlnet_conditioning_scale=controlnet_scale,
         generator=generator,
-        output_type="pil",
+        output_type="np",
     )
-    return out.images[0]
+    pixels = out.images[0]  # (H, W, 3) in [0, 1]; turned into 8 bits as diffusers' own "pil" output does
+    if not np.isfinite(pixels).all():
+        raise NumericalError("Stylizing produced NaN or infinite values (a number overflowed): lower --guidance, "
+                             "--lora-scale or the LoRA weights, or run in fp32 (--dtype fp32). Nothing was written.")
+    return Image.fromarray((pixels * 255).round().astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------

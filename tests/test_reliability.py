@@ -164,6 +164,22 @@ def test_a_render_that_overflows_stops_before_any_file(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "morph.gif").exists()
 
 
+def test_a_stylized_image_that_overflows_is_refused_not_drawn_black(monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import importlib
+
+    stylize = importlib.import_module("morphkit.stylize")  # the module; `morphkit.stylize` is also the function
+    monkeypatch.setattr(stylize, "encode_image", lambda pipe, image: None)
+    overflowed = lambda **kwargs: SimpleNamespace(images=[np.full((8, 8, 3), np.nan, dtype=np.float32)])  # noqa: E731
+    with pytest.raises(NumericalError, match="Stylizing produced NaN"):
+        stylize.render(overflowed, Image.new("RGB", (8, 8)), np.zeros((8, 8), np.uint8))
+    fine = lambda **kwargs: SimpleNamespace(images=[np.full((8, 8, 3), 0.5, dtype=np.float32)])  # noqa: E731
+    assert stylize.render(fine, Image.new("RGB", (8, 8)), np.zeros((8, 8), np.uint8)).getpixel((0, 0)) == (128,) * 3
+
+
 # ---- 3. damaged or non-finite cache entries are misses: logged, replaced, never served ----------------------
 
 def test_damaged_and_non_finite_cache_entries_are_misses(tmp_path, caplog):
