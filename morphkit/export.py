@@ -51,28 +51,40 @@ def save_gif(frames: list[Image.Image], path: str | os.PathLike, duration_ms: in
     """An animated GIF with every frame shown `duration_ms`; `loop` 0 repeats forever."""
     path = check_can_write(path, overwrite, "GIF")
     with atomic_write(path, check=check_gif) as tmp:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=loop,
-                       optimize=False, disposal=1)
+        write_gif(frames, tmp, duration_ms, loop)
     return path
 
 
 def save_mp4(frames: list[Image.Image], path: str | os.PathLike, fps: float, overwrite: bool = False) -> Path:
     """An H.264 MP4 (yuv420p, plays everywhere) through imageio's ffmpeg."""
-    import imageio.v2 as imageio
-
     path = check_can_write(path, overwrite, "MP4")
+    check_mp4_size(frames)
+    with atomic_write(path, check=check_mp4) as tmp:
+        write_mp4(frames, tmp, fps, path)
+    return path
+
+
+def write_gif(frames: list[Image.Image], tmp: Path, duration_ms: int, loop: int = 0) -> None:
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=loop,
+                   optimize=False, disposal=1)
+
+
+def check_mp4_size(frames: list[Image.Image]) -> None:
     width, height = frames[0].size
     if width % 2 or height % 2:
         raise ConfigError(f"An MP4 needs even frame sides; these frames are {width}x{height}.")
-    with atomic_write(path, check=check_mp4) as tmp:
-        try:
-            with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                                    pixelformat="yuv420p", macro_block_size=2, ffmpeg_log_level="error") as writer:
-                for frame in frames:
-                    writer.append_data(np.asarray(frame))
-        except (OSError, RuntimeError, ValueError) as e:  # ffmpeg stopped: a full disk, a size limit, a crash
-            raise incomplete(path, "MP4", f"ffmpeg stopped: {_first_line(e)}") from None
-    return path
+
+
+def write_mp4(frames: list[Image.Image], tmp: Path, fps: float, target: Path) -> None:
+    import imageio.v2 as imageio
+
+    try:
+        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
+                                pixelformat="yuv420p", macro_block_size=2, ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(np.asarray(frame))
+    except (OSError, RuntimeError, ValueError) as e:  # ffmpeg stopped: a full disk, a size limit, a crash
+        raise incomplete(target, "MP4", f"ffmpeg stopped: {_first_line(e)}") from None
 
 
 def save_frames(frames: list[Image.Image], folder: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -304,15 +316,27 @@ def write_outputs(folder: str | os.PathLike, frames: list[Image.Image], formats,
         names = {f"frames/{frame_name(i, len(frames))}" for i in range(len(frames))} if "png" in formats else set()
         kept = {f for f in old if not ("png" in formats and f.startswith("frames/"))}
         _record(folder, old | names | {TARGETS[f] for f in formats if f != "png"})  # all that may exist meanwhile
-        sequence = boomerang(frames) if back_and_forth else frames
-        paths = {}
-        if "gif" in formats:
-            paths["gif"] = save_gif(sequence, plan.targets["gif"], duration_ms, loop, overwrite=True)
-        if "mp4" in formats:
-            paths["mp4"] = save_mp4(sequence, plan.targets["mp4"], 1000 / duration_ms, overwrite=True)
-        if "png" in formats:
-            paths["png"] = save_frames(frames, plan.targets["png"], overwrite=True)
+        paths = _write_all(plan, frames, boomerang(frames) if back_and_forth else frames, duration_ms, loop)
         written = kept | names | {TARGETS[f] for f in formats if f != "png"}
         _record(folder, {f for f in written if os.path.lexists(folder / f)})
     return paths
 
+
+def _write_all(plan: OutputPlan, frames, sequence, duration_ms: int, loop: int) -> dict[str, Path]:
+    """Every format to its temporary name first; only when all came out complete are they renamed into place,
+    so a failure (a full disk in the MP4, say) replaces nothing and leaves nothing that blocks a rerun."""
+    targets, paths = plan.targets, {}
+    if "mp4" in targets:
+        check_mp4_size(sequence)
+    with contextlib.ExitStack() as renames:  # each atomic_write renames on a clean exit, deletes on an error
+        if "gif" in targets:
+            write_gif(sequence, renames.enter_context(atomic_write(targets["gif"], check=check_gif)), duration_ms,
+                      loop)
+            paths["gif"] = targets["gif"]
+        if "mp4" in targets:
+            tmp = renames.enter_context(atomic_write(targets["mp4"], check=check_mp4))
+            write_mp4(sequence, tmp, 1000 / duration_ms, targets["mp4"])
+            paths["mp4"] = targets["mp4"]
+        if "png" in targets:
+            paths["png"] = save_frames(frames, targets["png"], overwrite=True)
+    return paths

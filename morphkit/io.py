@@ -114,8 +114,8 @@ def disk_full(path: Path | None, detail: str | None = None) -> DiskFullError:
     free = free_bytes(where) / 2**20
     detail = f"; {detail}" if detail else ""
     return DiskFullError(f"The disk is full ({free:.0f} MB free at {where}{detail}): {path or 'a file'} could not be "
-                         "written completely, so nothing was put in its place. Free some space (or raise the limit), or "
-                         "choose another output folder (--output-dir, --out, --cache-dir), and run again.")
+                         "written completely, so nothing was put in its place. Free some space (or raise the limit), "
+                         "or choose another output folder (--output-dir, --out, --cache-dir), and run again.")
 
 
 def check_room(folder: str | os.PathLike, need: int, what: str = "the outputs", option: str = "--output-dir") -> None:

@@ -68,6 +68,20 @@ def test_a_full_disk_in_train_checkpoints_and_json(tmp_path, monkeypatch, tiny_p
     assert not (tmp_path / "settings.json").exists()
 
 
+def test_a_morph_export_that_fails_in_one_format_replaces_nothing(tmp_path, monkeypatch):
+    from morphkit import export
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(export, "write_mp4", no_room)
+    with pytest.raises(DiskFullError, match="disk is full"):
+        write_outputs(out, frames(), ("gif", "mp4", "png"), 100)
+    assert not any(os.path.lexists(out / name) for name in ("morph.gif", "morph.mp4", "frames"))
+    assert leftovers(out) == []
+    monkeypatch.undo()
+    write_outputs(out, frames(), ("gif", "mp4", "png"), 100)  # a rerun is not refused: nothing half-made is there
+    assert (out / "morph.mp4").is_file() and len(os.listdir(out / "frames")) == 3
+
+
 def test_the_cli_turns_any_full_disk_into_its_message(capsys):
     import typer
 
