@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import LoRAError
+from ..io import file_kind
 from ..models import PICKLE_SUFFIXES
 from .names import KOHYA_PREFIXES, canonical_name, check_patterns, pattern_value, shown
 from .updates import MAX_UPDATE, DiffModule, LohaModule, LokrModule, LoraFile, LoraModule, Update
@@ -38,27 +39,12 @@ _BY_LENGTH = sorted(_LEAVES, key=len, reverse=True)
 
 # ---------------------------------------------------------------------------------------------- the file itself
 
-def _what_it_is(path: Path) -> str | None:
-    """None for a regular file (after symlinks); otherwise what the path is, in words."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "a broken symbolic link" if os.path.islink(path) else None
-    except OSError as e:
-        return f"not readable ({e.strerror})"
-    if stat.S_ISREG(mode):
-        return None
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    return next((words for test, words in kinds if test(mode)), "not a regular file")
-
-
 def check_regular_file(path: str | os.PathLike, what: str = "LoRA file") -> Path:
     """`path`, if it is a regular file; otherwise `LoRAError` saying what it is (missing, a folder, a FIFO...)."""
     path = Path(path).expanduser()
     if not os.path.lexists(path):
         raise LoRAError(f"The {what} {shown(path)} does not exist.")
-    kind = _what_it_is(path)
+    kind = file_kind(path)
     if kind is not None:
         raise LoRAError(f"The {what} {shown(path)} is {kind}, not a file. Give the path of a .safetensors {what}.")
     return path
