@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 
 import typer
@@ -21,13 +23,34 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def lora_warnings():
+    """Show morphkit's LoRA compatibility warnings as one `Warning:` line each, when they happen."""
+    from morphkit.lora_files import LoraCompatibilityWarning, printable
+
+    with warnings.catch_warnings():
+        shown_before = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, LoraCompatibilityWarning):
+                typer.echo(f"Warning: {printable(message)}", err=True)
+            else:
+                shown_before(message, category, filename, lineno, file, line)
+
+        warnings.simplefilter("always", LoraCompatibilityWarning)
+        warnings.showwarning = show
+        yield
+
+
 def call(fn, *args, **kwargs):
-    """Run an API function; turn morphkit's errors and Ctrl-C into a message and an exit code."""
+    """Run an API function; turn morphkit's errors and Ctrl-C into a message and an exit code, and its LoRA
+    compatibility warnings into `Warning:` lines."""
     from morphkit.errors import MorphkitError
     from morphkit.io import NO_ROOM, disk_full
 
     try:
-        return fn(*args, **kwargs)
+        with lora_warnings():
+            return fn(*args, **kwargs)
     except MorphkitError as e:
         fail(str(e), e.exit_code)
     except KeyboardInterrupt:

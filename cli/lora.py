@@ -3,39 +3,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from cli.common import MODEL_HELP, call, fail
+from cli.common import MODEL_HELP, call, fail, lora_warnings
 
 app = typer.Typer(name="lora", no_args_is_help=True, rich_markup_mode=None,
                   help="Inspect, convert, mix and fuse LoRA files (kohya, diffusers, LyCORIS, DoRA, ComfyUI).")
 
 PICKLE_HELP = "Allow a pickled .ckpt/.pt/.bin file (read with torch.load(weights_only=True)). Only for files you trust."
-
-
-@contextlib.contextmanager
-def lora_warnings():
-    """Show morphkit's LoRA compatibility warnings as one `Warning:` line each, when they happen."""
-    from morphkit.lora_files import LoraCompatibilityWarning, printable
-
-    with warnings.catch_warnings():
-        shown_before = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, LoraCompatibilityWarning):
-                typer.echo(f"Warning: {printable(message)}", err=True)
-            else:
-                shown_before(message, category, filename, lineno, file, line)
-
-        warnings.simplefilter("always", LoraCompatibilityWarning)
-        warnings.showwarning = show
-        yield
 
 
 @app.command()
