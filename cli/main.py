@@ -104,7 +104,7 @@ def train(
         checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
     )
     start = time.perf_counter()
-    from cli.lora import lora_warnings
+    from cli.common import lora_warnings
 
     with lora_warnings():  # e.g. targets that kohya-format tools drop, said before training starts
         result = call(
