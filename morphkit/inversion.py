@@ -312,7 +312,7 @@ def invert(
     import time
 
     from .images import open_image, resize_to_policy, to_pil
-    from .lora import adapter_weights, load_lora
+    from .lora import adapter_weights
     from .models import DEFAULT_MODEL, decode_latents, encode_image, encode_prompt, load_pipeline, stage_precision
 
     # 1. every input checked before the model loads
@@ -329,10 +329,7 @@ def invert(
     embeds = encode_prompt(pipe, prompt)
     negative = encode_prompt(pipe, negative_prompt) if guidance != 1.0 else None
     schedule = ddim_schedule(pipe.scheduler.config, steps)
-    if "inverted" in getattr(pipe.unet, "peft_config", {}):
-        pipe.unet.delete_adapters("inverted")
-    if lora is not None:
-        load_lora(pipe.unet, lora, "inverted", allow_pickle=allow_pickle)
+    _attach_lora(pipe.unet, lora, allow_pickle)
 
     # 3. invert and regenerate, under this LoRA alone (or the base model alone: never under adapters a
     #    reused `pipe` holds), with the UNet in fp32
@@ -362,6 +359,16 @@ def invert(
         paths = _write_inversion(paths, noise, z0, reconstruction, settings, report, overwrite)
     return InversionResult(noise, z0, reconstruction, error, psnr_db, paths if save else {}, settings, calls[0],
                            seconds)
+
+
+def _attach_lora(unet, lora, allow_pickle: bool) -> None:
+    """The LoRA to invert under, as adapter "inverted" (replacing one a reused pipeline holds)."""
+    from .lora import load_lora
+
+    if "inverted" in getattr(unet, "peft_config", {}):
+        unet.delete_adapters("inverted")
+    if lora is not None:
+        load_lora(unet, lora, "inverted", allow_pickle=allow_pickle)
 
 
 def _invert_paths(image, steps, lora, resolution, output_dir, save: bool, overwrite: bool) -> dict:
