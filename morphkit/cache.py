@@ -7,6 +7,7 @@ therefore reuses the entry, and a changed image or setting can never hit a stale
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +58,28 @@ class TensorCache:
 
     def path(self, kind: str, key: str) -> Path | None:
         return None if self.root is None else self.root / kind / f"{key}.safetensors"
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str):
+        """Hold one entry's lock while it is built, so that processes sharing the cache build it once: another
+        process asking for the same entry waits here, then finds it built. The lock is the operating system's
+        (flock) on `key.lock`, so a killed process never leaves it held. Without fcntl (Windows) there is no lock:
+        two processes may both build an entry, and each still writes it atomically."""
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if self.root is None or fcntl is None:
+            yield
+            return
+        path = self.root / kind / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def check_writable(self, kinds=("lora", "inversion")) -> None:
         """Before any work: the cache folder can be made and written (else `OutputExistsError` naming

@@ -10,6 +10,7 @@ draws frames from as often as the caller likes. `prepare_pair` is the same for t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -276,15 +277,30 @@ def attach_loras(pipe, settings: MorphSettings, keys, latents, embeds, store: Te
         else:
             to_fit[name] = (i, cached)
         lora_ids.append(key)
-    fit_due(pipe, train, to_fit, latents, embeds, fit_settings, settings.fit_together, progress)
-    for name, (i, cached) in to_fit.items():
-        if cached is not None:
-            save_lora(cached, lora_state_dict(unet, name), adapter_metadata(unet, name),
-                      {"base_model": settings.model, "prompt": prompts[i], "steps": settings.lora_steps,
-                       "seed": settings.seed}, overwrite=True)
+    with contextlib.ExitStack() as held:  # each LoRA due is fitted once, whichever process sharing the cache gets it
+        claim_fits(unet, store, to_fit, held, hits, labels)
+        fit_due(pipe, train, to_fit, latents, embeds, fit_settings, settings.fit_together, progress)
+        for name, (i, cached) in to_fit.items():
+            if cached is not None:
+                save_lora(cached, lora_state_dict(unet, name), adapter_metadata(unet, name),
+                          {"base_model": settings.model, "prompt": prompts[i], "steps": settings.lora_steps,
+                           "seed": settings.seed}, overwrite=True)
     for name, cached in copies.items():
         load_lora(unet, cached, name)
     return lora_ids
+
+
+def claim_fits(unet, store: TensorCache, to_fit: dict, held: contextlib.ExitStack, hits: dict, labels) -> None:
+    """Take the cache lock of each LoRA due (in key order, so two processes never wait on each other), and drop
+    from `to_fit` those another process fitted while this one waited: they are read from the cache instead."""
+    for name, (i, cached) in sorted(to_fit.items(), key=lambda item: str(item[1][1])):
+        if cached is None:
+            continue
+        held.enter_context(store.lock("lora", cached.stem))
+        if store.usable("lora", cached.stem, read_lora_file) is not None:
+            load_lora(unet, cached, name)
+            hits[f"lora_{labels[i]}"] = True
+            del to_fit[name]
 
 
 def fit_due(pipe, train, to_fit: dict, latents, embeds, fit_settings, together: bool, progress: bool) -> None:
