@@ -325,7 +325,7 @@ def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, emb
     method and its settings, the guidance and negative prompt (guided inversion), and the precision it ran in.
     """
     prompts, device = settings.keyframe_prompts(len(keys)), pipe.unet.device
-    names, labels = keyframe_adapters(len(keys)), keyframe_labels(len(keys))
+    labels = keyframe_labels(len(keys))
     inversion = settings.inversion_method
     guided = {} if settings.guidance == 1.0 else {"guidance": settings.guidance, "negative": settings.negative_prompt}
     noises: list = [None] * len(keys)
@@ -340,7 +340,21 @@ def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, emb
             due.setdefault(key, []).append(i)
         else:
             noises[i] = entry["noise"].to(device)
-    todo = list(due.items())
+    with contextlib.ExitStack() as held:  # each noise due is inverted once, whichever process sharing the cache gets it
+        for key in sorted(due):
+            held.enter_context(store.lock("inversion", key))
+            if (entry := store.get("inversion", key)) is not None:  # another process inverted it meanwhile
+                for i in due.pop(key):
+                    noises[i], hits[f"inversion_{labels[i]}"] = entry["noise"].to(device), True
+        invert_due(pipe, settings, list(due.items()), latents, embeds, negative, schedule, store, noises, progress)
+    return noises
+
+
+def invert_due(pipe, settings: MorphSettings, todo: list, latents, embeds, negative, schedule, store: TensorCache,
+               noises: list, progress: bool) -> None:
+    """Invert the images of `todo` ([(cache key, [image indices])]), up to `batch_size` (at least two) in one
+    batch; each noise goes into `noises` and the cache."""
+    names, labels = keyframe_adapters(len(noises)), keyframe_labels(len(noises))
     size = max(2, settings.batch_size)
     for chunk in (todo[k:k + size] for k in range(0, len(todo), size)):
         sides = [images[0] for _, images in chunk]
@@ -348,12 +362,12 @@ def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, emb
         inverted = invert_under_loras(pipe, torch.cat([latents[s] for s in sides]),
                                       torch.cat([embeds[s] for s in sides]), adapters, schedule, progress=progress,
                                       desc=inverting(labels, sides),
-                                      inversion=inversion, guidance=settings.guidance, negative=negative)
+                                      inversion=settings.inversion_method, guidance=settings.guidance,
+                                      negative=negative)
         for (key, images), noise in zip(chunk, inverted.split(1)):
             store.put("inversion", key, {"noise": noise})
             for i in images:
                 noises[i] = noise
-    return noises
 
 
 def inverting(labels, sides: list[int]) -> str:
