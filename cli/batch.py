@@ -55,6 +55,7 @@ def batch(
     of the jobs and writes a JSON report; the exit status is 1 when any job failed. Under accelerate launch
     (or with --processes) the jobs are split across the processes and the report merges them all.
     """
+    from cli.common import without_processes
     from morphkit.processes import launch, launched_processes
 
     if processes is not None and processes > 1 and launched_processes() == 1:
@@ -78,19 +79,6 @@ def batch(
             typer.echo(line)
     if result.failed:
         raise typer.Exit(1)
-
-
-def without_processes(arguments: list[str]) -> list[str]:
-    """The command line, less --processes N (each launched process runs its share, not another launch)."""
-    out, skip = [], False
-    for arg in arguments:
-        if skip:
-            skip = False
-        elif arg == "--processes":
-            skip = True
-        elif not arg.startswith("--processes="):
-            out.append(arg)
-    return out
 
 
 def summary(result) -> list[str]:

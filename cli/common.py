@@ -86,3 +86,16 @@ def interrupted_message() -> str:
         return "Interrupted. Files already written are complete; continue from the last checkpoint with --resume."
     return ("Interrupted. Files already written are complete, and what finished is kept: fitted LoRAs and "
             "inversions are in the cache, so running the same command again starts after them.")
+
+
+def without_processes(arguments: list[str]) -> list[str]:
+    """The command line, less --processes N (each launched process runs its share, not another launch)."""
+    out, skip = [], False
+    for arg in arguments:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out

@@ -83,15 +83,23 @@ def train(
     metadata_prompt: bool = typer.Option(True, "--metadata-prompt/--no-metadata-prompt", help="Record the prompt and the captions' tags (ss_tag_frequency, which A1111 shows as trigger words) in the LoRA's header; --no-metadata-prompt keeps them out, for private data. [default: recorded]"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing LoRA and start afresh (with --resume: continue, then replace)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto; under accelerate, each process's own device]"),
+    processes: Optional[int] = typer.Option(None, "--processes", help="Train data-parallel on N processes through accelerate launch (one per GPU; on a machine without one, CPU processes). --batch-size is per process. Same as: accelerate launch --multi_gpu --num_processes N -m morphkit train ..."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled .ckpt/.pt/.bin model (loaded with weights_only=True). Only for files you trust."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ):
     """Fit a LoRA to one image (overfitting is the point) or to a captioned folder (a style).
 
     Writes NAME.safetensors (kohya format unless --format; loads in A1111, ComfyUI, diffusers), train_log.jsonl,
-    train_settings.json and checkpoints/ into the output folder.
+    train_settings.json and checkpoints/ into the output folder. Under accelerate launch (or with --processes)
+    the processes train data-parallel, and the main process writes the files.
     """
+    from morphkit.processes import launch, launched_processes
+
+    if processes is not None and processes > 1 and launched_processes() == 1:
+        from cli.common import without_processes
+
+        raise typer.Exit(call(launch, processes, without_processes(sys.argv[1:])))
     import morphkit
 
     settings = dict(
@@ -112,9 +120,12 @@ def train(
             device=device, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, lora_format=lora_format,
             metadata_prompt=metadata_prompt, progress=not quiet, **settings,
         )
+    if result.rank != 0:
+        return  # the main process reports
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
-    typer.echo(f"Trained {result.steps} steps{resumed}{last} in {time.perf_counter() - start:.1f} s.")
+    on = f" on {result.processes} processes" if result.processes > 1 else ""
+    typer.echo(f"Trained {result.steps} steps{resumed}{on}{last} in {time.perf_counter() - start:.1f} s.")
     for path in result.lora_paths:
         typer.echo(f"LoRA: {path}")
     typer.echo(f"Log:  {result.output_dir / 'train_log.jsonl'}")

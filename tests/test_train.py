@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -6,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import morphkit
-from morphkit import train as train_module
+from morphkit.train import loop as train_loop
 from morphkit.data import load_examples
 from morphkit.lora import load_lora, lora_state_dict
 from morphkit.lora_files import read_lora_file
@@ -90,7 +93,7 @@ def test_interrupted_run_resumes_to_the_same_lora(photo, tmp_path, monkeypatch):
     whole = morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "whole", **common)
 
     calls = {"n": 0}
-    real_loss = train_module.diffusion_loss
+    real_loss = train_loop.diffusion_loss
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -98,10 +101,10 @@ def test_interrupted_run_resumes_to_the_same_lora(photo, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "diffusion_loss", interrupted)
+    monkeypatch.setattr(train_loop, "diffusion_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "cut", **common)
-    monkeypatch.setattr(train_module, "diffusion_loss", real_loss)
+    monkeypatch.setattr(train_loop, "diffusion_loss", real_loss)
     assert not (tmp_path / "cut" / "photo.safetensors").exists()  # no half-finished LoRA
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000008"]
 
@@ -233,3 +236,31 @@ def test_fitting_loras_together_refuses_what_it_cannot_batch(tiny_pipe, photo):
     encoded = encode_examples(tiny_pipe, load_examples(photo, "a photo"), 64, "none", False)
     with pytest.raises(morphkit.ConfigError, match="batch_size 1"):
         fit_loras(tiny_pipe, {"a": encoded, "b": encoded}, TrainSettings(data="-", steps=2, batch_size=2), progress=False)
+
+
+def test_two_processes_train_data_parallel_as_one_process_with_their_global_batch(tmp_path):
+    """`--processes 2` (accelerate launch, gloo on the CPU): each process takes half of every global batch and
+    the gradients are averaged, so the loss curve and the LoRA equal one process's with batch 2; a resumed
+    data-parallel run continues that curve."""
+    common = dict(model="tiny", rank=4, learning_rate=1e-3, seed=5, checkpointing_steps=2, progress=False)
+    one = morphkit.train_lora(STYLE, output_dir=tmp_path / "one", steps=6, batch_size=2, **common)
+
+    def launch(steps, *extra):
+        command = [sys.executable, "-m", "morphkit", "train", str(STYLE), "--processes", "2", "--model", "tiny",
+                   "--rank", "4", "--lr", "1e-3", "--seed", "5", "--checkpointing-steps", "2", "--batch-size", "1",
+                   "--steps", str(steps), "-o", str(tmp_path / "two"), "-q", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.count("on 2 processes") == 1, done.stdout  # one report, from the main process
+        return done
+
+    launch(4)
+    launch(6, "--resume")
+    assert json.loads((tmp_path / "two" / "train_settings.json").read_text())["processes"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))  # only the main process logs
+    assert torch.allclose(torch.tensor([r["loss"] for r in rows]), torch.tensor(one.losses), rtol=1e-5, atol=1e-7)
+    a, b = load_file(str(one.lora_path)), load_file(str(tmp_path / "two" / "style.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

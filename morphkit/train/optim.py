@@ -1,0 +1,52 @@
+"""The optimizer, mixed precision and one optimizer step."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..models import resolve_dtype
+from .settings import TrainSettings
+
+
+def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype:
+    mode = settings.mixed_precision
+    if mode == "auto":
+        return resolve_dtype(None, device)
+    if mode != "no" and device.type != "cuda":
+        raise ConfigError(f"mixed_precision {mode} needs a CUDA GPU; on {device.type} use 'no' (fp32).")
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+
+
+def make_optimizer(params, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the LoRA tensors; fused (one kernel for all of them) on CUDA and CPU."""
+    return torch.optim.AdamW(
+        params,
+        lr=settings.learning_rate,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        weight_decay=settings.adam_weight_decay,
+        eps=settings.adam_epsilon,
+        fused=device.type in ("cuda", "cpu"),
+    )
+
+
+def mixed_precision(unet):
+    """The gradient scaler (fp16 on CUDA only, else None or disabled) and autocast context for `unet`'s dtype."""
+    dtype, device = unet.dtype, unet.device
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16) if device.type == "cuda" else None
+    return scaler, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def optimizer_step(optimizer, scaler, clip_groups: list[list[torch.Tensor]], max_grad_norm: float):
+    """Unscale, clip each group of tensors to `max_grad_norm` on its own, step, and clear the gradients."""
+    scaled = scaler is not None and scaler.is_enabled()
+    if scaled:
+        scaler.unscale_(optimizer)
+    for group in clip_groups:
+        torch.nn.utils.clip_grad_norm_(group, max_grad_norm)
+    if scaled:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
