@@ -183,14 +183,6 @@ def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Scale `img` to cover `size` with its aspect ratio kept, then center-crop to exactly `size`."""
-    width, height = size
-    scale = max(width / img.width, height / img.height)
-    scaled = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    return center_crop(img.resize(scaled, Image.Resampling.LANCZOS), size)
-
-
-def cover_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Scale `img` to cover `size` with its aspect ratio kept, then center-crop to exactly `size`.
 
     How `morph` frames image B to image A's size, and how `eval` frames the inputs to the frames' size.
