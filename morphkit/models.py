@@ -6,9 +6,11 @@
   Face cache when it is there, downloaded otherwise (unless `HF_HUB_OFFLINE=1`);
 - a local diffusers folder (one with `model_index.json`);
 - a single-file checkpoint `.safetensors` as A1111 and civitai users have, loaded offline with the
-  SD 1.5 component configs shipped in `morphkit/configs/sd15`;
-- `tiny`: the small SD-architecture model of `morphkit.tiny`, built in code and loaded from its
-  cache folder by the same code as any local folder.
+  component configs shipped in `morphkit/configs/sd15` and `morphkit/configs/sdxl`;
+- `tiny` / `tiny-sdxl`: the small SD- and SDXL-architecture models of `morphkit.tiny` and
+  `morphkit.tiny_sdxl`, built in code and loaded from their cache folders by the same code as any local folder.
+
+SD 1.x or SDXL: the family is read from the checkpoint (`morphkit.families`).
 
 Pickled checkpoints (`.ckpt`, `.pt`, `.bin`, `.pth`) can run code when loaded; they are refused unless
 `allow_pickle=True`, and then loaded with `torch.load(weights_only=True)`.
@@ -25,7 +27,9 @@ import torch
 from safetensors import safe_open
 
 from .errors import ConfigError, ModelNotFoundError
+from .families import SD15, SDXL, family_of, family_of_folder, family_of_single_file
 from .tiny import TINY_NAME, TINY_UNET_CHANNELS, tiny_controlnet_path, tiny_model_path
+from .tiny_sdxl import TINY_SDXL_NAME, TINY_SDXL_UNET_CHANNELS, tiny_sdxl_controlnet_path, tiny_sdxl_model_path
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNET = "lllyasviel/sd-controlnet-canny"
@@ -104,38 +108,113 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
+    vae: str | None = None,
 ):
-    """Load a Stable Diffusion 1.x pipeline with a DDIM scheduler, ready on `device`.
+    """Load a Stable Diffusion 1.x or SDXL pipeline with a DDIM scheduler, ready on `device`.
 
-    The checkpoint's own scheduler (PNDM for SD 1.5) is replaced by DDIM with the same betas, so
-    that sampling and DDIM inversion walk the same timesteps. The safety checker is not loaded.
+    The family (`morphkit.families`) is read from the checkpoint: a folder's model_index.json and UNet config,
+    a single file's key names; `family_of(pipe)` tells it afterwards. The checkpoint's own scheduler (PNDM
+    for SD 1.5, Euler for SDXL) is replaced by DDIM with the same betas, so that sampling and DDIM inversion
+    walk the same timesteps. The safety checker is not loaded. `vae`: another VAE for the model (a folder, a
+    hub id such as madebyollin/sdxl-vae-fp16-fix, or a single .safetensors file).
     """
     _quiet_loading()
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    common = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype)
     model = str(model)
-
-    if model == TINY_NAME:
-        pipe = _from_folder(StableDiffusionPipeline, tiny_model_path(), common)
-    elif Path(model).expanduser().is_dir():
-        pipe = _from_folder(StableDiffusionPipeline, Path(model).expanduser(), common)
-    elif Path(model).expanduser().is_file():
-        pipe = _from_single_file(StableDiffusionPipeline, Path(model).expanduser(), common, allow_pickle)
-    elif not _is_hub_id(model):
-        raise ModelNotFoundError(
-            f"The model {model} does not exist. --model takes a hub id (like {DEFAULT_MODEL}), a local diffusers "
-            "folder, a single-file .safetensors checkpoint, or 'tiny' for the built-in test model."
-        )
+    kind, where, family = model_source(model, allow_pickle)
+    common = dict(dtype=dtype, **family.pipeline_kwargs())
+    if vae is not None:
+        common["vae"] = load_vae(vae, family, dtype, allow_pickle)
+    cls = family.pipeline_class("txt2img")
+    if kind == "folder":
+        pipe = _from_folder(cls, where, common)
+    elif kind == "file":
+        pipe = _from_single_file(cls, where, common, family)
     else:
-        pipe = _from_hub(StableDiffusionPipeline, model, common)
-
+        pipe = _from_hub(cls, where, common)
+    family_of(pipe)  # a refiner loaded from the hub is refused here
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe
+
+
+def model_source(model: str, allow_pickle: bool = False):
+    """What `--model` names: ("folder" | "file" | "hub", path or id, family), checked before anything loads."""
+    path = Path(model).expanduser()
+    if model == TINY_NAME:
+        return "folder", tiny_model_path(), SD15
+    if model == TINY_SDXL_NAME:
+        return "folder", tiny_sdxl_model_path(), SDXL
+    if path.is_dir():
+        _check_diffusers_folder(path)
+        return "folder", path, family_of_folder(path)
+    if path.is_file():
+        check_pickle_allowed(path, allow_pickle)
+        if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
+            raise ModelNotFoundError(
+                f"{path} is not a model morphkit can load: a single-file checkpoint must be a .safetensors file.")
+        # a pickle's keys cannot be read without loading it: taken as SD 1.x, as before SDXL support
+        return "file", path, SD15 if path.suffix.lower() in PICKLE_SUFFIXES else family_of_single_file(path)
+    if not _is_hub_id(model):
+        raise ModelNotFoundError(
+            f"The model {model} does not exist. --model takes a hub id (like {DEFAULT_MODEL} or "
+            f"{SDXL.default_model}), a local diffusers folder, a single-file .safetensors checkpoint, or 'tiny' / "
+            f"'{TINY_SDXL_NAME}' for the built-in test models."
+        )
+    return "hub", model, _hub_family(model)
+
+
+def _hub_family(repo_id: str):
+    """The family of a hub model, from its model_index.json in the local cache (or downloaded, unless offline).
+    When neither is possible, SD 1.x: loading then fails with the message that says what was tried."""
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, "model_index.json")
+        if not isinstance(cached, str) and os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+            cached = hf_hub_download(repo_id, "model_index.json")
+    except Exception:
+        cached = None
+    if isinstance(cached, str):
+        return family_of_folder(Path(cached).parent)
+    return SD15
+
+
+def _check_diffusers_folder(folder: Path):
+    if not (folder / "model_index.json").exists():
+        raise ModelNotFoundError(
+            f"{folder} is a folder but not a diffusers model: it has no model_index.json. Point --model at the "
+            "folder that holds model_index.json, unet/, vae/, text_encoder/ and tokenizer/, or at a single-file "
+            ".safetensors checkpoint."
+        )
+
+
+def load_vae(vae: str, family, dtype: torch.dtype, allow_pickle: bool = False):
+    """`--vae`: an AutoencoderKL from a folder (config.json), a hub id, or a single file read with the family's
+    shipped VAE config."""
+    from diffusers import AutoencoderKL
+
+    path = Path(str(vae)).expanduser()
+    kwargs = dict(dtype=dtype)
+    try:
+        if path.is_dir():
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, **kwargs)
+        if path.is_file():
+            check_pickle_allowed(path, allow_pickle, "VAE")
+            return AutoencoderKL.from_single_file(str(path), config=str(family.config_folder / "vae"),
+                                                  local_files_only=True, **kwargs)
+    except ModelNotFoundError:
+        raise
+    except Exception as e:
+        raise ModelNotFoundError(f"The VAE {path} (--vae) could not be loaded: {_one_line(e)}") from None
+    if not _is_hub_id(str(vae)):
+        raise ModelNotFoundError(f"The VAE {vae} (--vae) does not exist. --vae takes a diffusers VAE folder, a hub id "
+                                 f"(like {SDXL.default_vae}, SDXL's VAE fixed to run in fp16) or a .safetensors file.")
+    return _from_hub(AutoencoderKL, str(vae), kwargs)
 
 
 def _quiet_loading():
@@ -150,56 +229,48 @@ def _quiet_loading():
 
 
 def _from_folder(cls, folder: Path, kwargs: dict):
-    if not (folder / "model_index.json").exists():
-        raise ModelNotFoundError(
-            f"{folder} is a folder but not a diffusers model: it has no model_index.json. Point --model at the "
-            "folder that holds model_index.json, unet/, vae/, text_encoder/ and tokenizer/, or at a single-file "
-            ".safetensors checkpoint."
-        )
     try:
         return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ModelNotFoundError(f"The diffusers folder {folder} could not be loaded: {_one_line(e)}") from None
 
 
-def _single_file_config(path: Path) -> Path:
-    """The shipped config folder that fits a single-file checkpoint: SD 1.5, or the tiny model's (as written by
-    `morphkit lora fuse --model tiny`), told apart by the width of the UNet's first convolution."""
+def _single_file_config(path: Path, family) -> Path:
+    """The shipped config folder that fits a single-file checkpoint: the family's, or its tiny model's (as written
+    by `morphkit lora fuse --model tiny`), told apart by the width of the UNet's first convolution."""
+    tiny = {SD15.name: (TINY_UNET_CHANNELS[0], tiny_model_path), SDXL.name: (TINY_SDXL_UNET_CHANNELS[0],
+                                                                             tiny_sdxl_model_path)}[family.name]
     if path.suffix.lower() == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 key = "model.diffusion_model.input_blocks.0.0.weight"
-                if key in f.keys() and f.get_slice(key).get_shape()[0] == TINY_UNET_CHANNELS[0]:
-                    return tiny_model_path()
+                if key in f.keys() and f.get_slice(key).get_shape()[0] == tiny[0]:
+                    return tiny[1]()
         except Exception:
             pass  # diffusers gives the better message about a broken file
-    return SD15_CONFIG
+    return family.config_folder
 
 
-def _from_single_file(cls, path: Path, kwargs: dict, allow_pickle: bool):
-    check_pickle_allowed(path, allow_pickle)
-    if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
-        raise ModelNotFoundError(
-            f"{path} is not a model morphkit can load: a single-file checkpoint must be a .safetensors file."
-        )
+def _from_single_file(cls, path: Path, kwargs: dict, family):
     try:
         # `config` must be a str: the component loaders reject a Path. Passing a config folder makes
         # diffusers read every component config from it and ask no hub.
         with warnings.catch_warnings():  # torch's notices about pickles are not for the user: our messages say it
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(\.|$)")
-            pipe = cls.from_single_file(str(path), config=str(_single_file_config(path)), local_files_only=True,
-                                        **kwargs)
+            pipe = cls.from_single_file(str(path), config=str(_single_file_config(path, family)),
+                                        local_files_only=True, **kwargs)
     except Exception as e:
         raise ModelNotFoundError(
-            f"The single-file checkpoint {path} could not be loaded as Stable Diffusion 1.x: {_one_line(e)}. "
-            "morphkit reads A1111/civitai-style SD 1.x checkpoints; SDXL, SD 2.x and other architectures are "
+            f"The single-file checkpoint {path} could not be loaded as {family.label}: {_one_line(e)}. "
+            "morphkit reads A1111/civitai-style SD 1.x and SDXL checkpoints; SD 2.x and other architectures are "
             "not supported."
         ) from None
-    # The text encoder is loaded non-strictly: weights missing from the file would stay on the meta device.
-    for part in ("unet", "vae", "text_encoder"):
+    # The text encoders are loaded non-strictly: weights missing from the file would stay on the meta device.
+    for part in family.part_names() + ("vae",):
         if any(p.is_meta for p in getattr(pipe, part).parameters()):
-            raise ModelNotFoundError(f"The checkpoint {path} has no weights for the {part}; it is not a complete SD 1.x model.")
+            raise ModelNotFoundError(f"The checkpoint {path} has no weights for the {part}; it is not a complete "
+                                     f"{family.label} model.")
     return pipe
 
 
@@ -224,26 +295,28 @@ def _from_hub(cls, repo_id: str, kwargs: dict, **extra):
 
 
 def load_controlnet(
-    controlnet: str = DEFAULT_CONTROLNET,
+    controlnet: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     config: str | os.PathLike | None = None,
+    family=SD15,
 ):
-    """Load a ControlNet from a hub id, a local folder, a single file, or `tiny`.
+    """Load a ControlNet from a hub id, a local folder, a single file, or `tiny` (the tiny model of `family`).
 
-    A single file (diffusers keys, or the original lllyasviel/A1111 layout) is read with the architecture
-    in `config`, a folder holding a ControlNet `config.json`; by default SD 1.5's, shipped in
-    `morphkit/configs/sd15-controlnet`, so that no hub is asked.
+    By default the family's ControlNet-Canny (`family.default_controlnet`). A single file (diffusers keys, or the
+    original lllyasviel/A1111 layout) is read with the architecture in `config`, a folder holding a ControlNet
+    `config.json`; by default the family's, shipped in `morphkit/configs/`, so that no hub is asked.
     """
     _quiet_loading()
     from diffusers import ControlNetModel
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     kwargs = dict(dtype=resolve_dtype(dtype, device))
+    controlnet = family.default_controlnet if controlnet is None else controlnet
     path = Path(str(controlnet)).expanduser()
     if controlnet == TINY_NAME:
-        net = ControlNetModel.from_pretrained(tiny_controlnet_path(), local_files_only=True, **kwargs)
+        net = ControlNetModel.from_pretrained(family.tiny_controlnet(), local_files_only=True, **kwargs)
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} is a folder but not a ControlNet: it has no config.json.")
@@ -256,24 +329,34 @@ def load_controlnet(
         if path.suffix.lower() not in PICKLE_SUFFIXES | {".safetensors"}:
             raise ModelNotFoundError(f"{path} is not a ControlNet morphkit can load: a single-file ControlNet must be "
                                      "a .safetensors file.")
-        config = str(config or SD15_CONTROLNET_CONFIG)
+        config = str(config or family.controlnet_config_folder)
         try:
             net = ControlNetModel.from_single_file(str(path), config=config, local_files_only=True, **kwargs)
         except Exception as e:
             reason = _one_line(e).rstrip(".")
             raise ModelNotFoundError(
                 f"The ControlNet file {path} could not be loaded with the architecture in {config}: {reason}. "
-                "A single-file ControlNet must be an SD 1.5 ControlNet (such as control_v11p_sd15_canny); for "
-                "another architecture, pass the folder that holds its config.json and weights."
+                f"A single-file ControlNet must be an {family.controlnet_example}; "
+                "for another architecture, pass the folder that holds its config.json and weights."
             ) from None
     elif not _is_hub_id(str(controlnet)):
         raise ModelNotFoundError(
-            f"The ControlNet {controlnet} does not exist. --controlnet takes a hub id (like {DEFAULT_CONTROLNET}), "
+            f"The ControlNet {controlnet} does not exist. --controlnet takes a hub id (like {family.default_controlnet}), "
             "a local diffusers folder, a single-file .safetensors ControlNet, or 'tiny' (the built-in test model's)."
         )
     else:
         net = _from_hub(ControlNetModel, str(controlnet), kwargs)
     return net.to(device)
+
+
+def controlnet_for(pipe, model: str | None, controlnet: str | None = None, allow_pickle: bool = False):
+    """The ControlNet for a loaded `pipe` (from `model`, as --model named it): `controlnet` as `load_controlnet`
+    takes it, by default `tiny` for a built-in tiny model and the family's ControlNet-Canny otherwise."""
+    family = family_of(pipe)
+    if controlnet is None:
+        controlnet = TINY_NAME if str(model) in (TINY_NAME, TINY_SDXL_NAME) else family.default_controlnet
+    return load_controlnet(controlnet, device=pipe.unet.device, dtype=pipe.unet.dtype, allow_pickle=allow_pickle,
+                           family=family)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,21 +372,41 @@ def encode_image(pipe, img) -> torch.Tensor:
     return pipe.vae.encode(x).latent_dist.mean.float() * pipe.vae.config.scaling_factor
 
 
+DECODE_PIXELS = 8 * 512 * 512  # decoded at once: 8 frames of 512 px, 2 of 1024 px (see benchmarks/memory_sdxl.py)
+
+
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1], fp32, decoded in chunks."""
+def decode_latents(pipe, latents: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [-1, 1], fp32, decoded in chunks.
+
+    A chunk holds up to 8 frames and at most `DECODE_PIXELS` pixels (2 frames at 1024 px), which bounds the
+    decoder's activations; with `pipe.vae.enable_tiling()` each frame is decoded in tiles as well. A VAE that
+    overflows in fp16 (SDXL's own, `force_upcast`) decodes in fp32; the fp16-fix VAE (`--vae`) does not need to.
+    """
+    vae = pipe.vae
+    batch_size = batch_size or max(1, min(8, DECODE_PIXELS // (64 * latents.shape[-1] * latents.shape[-2])))
+    upcast = family_of(pipe).upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.get("force_upcast")
     out = []
-    for chunk in latents.split(batch_size):
-        z = chunk.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        out.append(pipe.vae.decode(z).sample.float())
+    with stage_precision(vae, torch.float32, enabled=bool(upcast)):
+        for chunk in latents.split(batch_size):
+            z = chunk.to(vae.device, next(vae.parameters()).dtype) / vae.config.scaling_factor
+            out.append(vae.decode(z).sample.float())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    """Prompt -> CLIP text embedding (1, 77, dim), fp32."""
+    """Prompt -> CLIP text embedding (1, 77, dim), fp32: SD 1.x's conditioning (for any family, use
+    `encode_conditioning`, which gives SDXL's pooled embedding and time ids too)."""
     embeds, _ = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, False)
     return embeds.float()
+
+
+def encode_conditioning(pipe, prompt: str, size: tuple[int, int] | None = None, negative: bool = False):
+    """Prompt -> `morphkit.families.PromptEmbeds` for an image of `size` (height, width), fp32, as the pipeline's
+    family encodes it (`negative`: as a negative prompt, which SDXL makes zeros when empty)."""
+    family = family_of(pipe)
+    return (family.encode_negative if negative else family.encode_prompt)(pipe, prompt, size)
 
 
 @contextlib.contextmanager

@@ -180,13 +180,18 @@ def _tiny_controlnet(unet, seed: int):
 
 def tiny_model_path() -> Path:
     """The tiny model's folder in the cache, built on first use (about a second)."""
-    target = cache_dir() / TINY_VERSION
+    return built_in_cache(TINY_VERSION, build_tiny_pipeline)
+
+
+def built_in_cache(version: str, build) -> Path:
+    """`cache_dir() / version`, made by `build(folder)` on first use; processes racing to build it agree on one."""
+    target = cache_dir() / version
     if (target / "MORPHKIT_TINY").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
-        build_tiny_pipeline(staging / "model")
+        build(staging / "model")
         if target.exists():  # a half-built folder from an interrupted build
             shutil.rmtree(target)
         os.replace(staging / "model", target)
