@@ -309,15 +309,13 @@ class Pipelines:
         return self.pipe
 
     def controlnet(self, model: str, controlnet: str | None, device=None, dtype=None, allow_pickle: bool = False):
-        from .models import DEFAULT_CONTROLNET, load_controlnet
+        from .models import controlnet_for
         from .stylize import controlnet_pipeline
-        from .tiny import TINY_NAME
 
         pipe = self.base(model, device, dtype, allow_pickle)
-        controlnet = controlnet or (TINY_NAME if str(model) == TINY_NAME else DEFAULT_CONTROLNET)
         if controlnet not in self.controlnets:
             start = time.perf_counter()
-            net = load_controlnet(controlnet, device=pipe.unet.device, dtype=pipe.unet.dtype, allow_pickle=allow_pickle)
+            net = controlnet_for(pipe, model, controlnet, allow_pickle)
             self.controlnets[controlnet] = controlnet_pipeline(pipe, net)
             self.load_seconds += time.perf_counter() - start
         return self.controlnets[controlnet]

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 from PIL import Image
+
+from .families import PromptEmbeds
 from .progress import tqdm
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -200,28 +202,33 @@ def invert_latents(model: Model, x: torch.Tensor, schedule: DDIMSchedule, invers
                               disable=disable, desc=desc)
 
 
-def eps_model(unet, embeds: torch.Tensor, negative: torch.Tensor | None = None, guidance: float = 1.0,
-              prediction_type: str = "epsilon", alphas_cumprod: torch.Tensor | None = None) -> Model:
+def eps_model(unet, embeds, negative=None, guidance: float = 1.0, prediction_type: str = "epsilon",
+              alphas_cumprod: torch.Tensor | None = None) -> Model:
     """A callable `model(x, t) -> eps` for `unet` conditioned on `embeds` (one per sample).
 
-    With `guidance` > 1, classifier-free guidance against `negative` (one UNet call on the doubled
-    batch). v-prediction UNets are converted to eps with `alphas_cumprod`.
+    `embeds` and `negative` are token embeddings (tensors) or `morphkit.families.PromptEmbeds`, which carry
+    SDXL's pooled embeddings and time ids too; the UNet's family turns them into its extra conditioning. With
+    `guidance` > 1, classifier-free guidance against `negative` (one UNet call on the doubled batch).
+    v-prediction UNets are converted to eps with `alphas_cumprod`.
     """
+    from .families import as_prompt_embeds, family_of
+
     dtype = unet.dtype  # looked up once: `unet.dtype` walks every module, which costs ~2 ms per call
+    family, cond = family_of(unet), as_prompt_embeds(embeds)
     if guidance != 1.0:
-        neg = negative if negative is not None else torch.zeros_like(embeds)
-        context = torch.cat([neg, embeds]).to(dtype)
-    else:
-        context = embeds.to(dtype)
+        neg = as_prompt_embeds(negative) if negative is not None else cond.zeros_like()
+        cond = PromptEmbeds.cat([neg, cond])
+    context, added = cond.embeds.to(dtype), family.added_cond_kwargs(cond, dtype)
+    extra = {} if added is None else {"added_cond_kwargs": added}
 
     def model(x, t):
         t_batch = t.reshape(1).expand(x.shape[0]).to(x.device)
         if guidance != 1.0:
-            out = unet(torch.cat([x, x]).to(dtype), torch.cat([t_batch, t_batch]), context).sample.to(x.dtype)
+            out = unet(torch.cat([x, x]).to(dtype), torch.cat([t_batch, t_batch]), context, **extra).sample.to(x.dtype)
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
         else:
-            out = unet(x.to(dtype), t_batch, context).sample.to(x.dtype)
+            out = unet(x.to(dtype), t_batch, context, **extra).sample.to(x.dtype)
         if prediction_type == "v_prediction":
             a = alphas_cumprod[t].to(x.device, x.dtype)
             out = a.sqrt() * out + (1 - a).sqrt() * x
@@ -297,6 +304,7 @@ def invert(
     device: str | None = None,
     dtype: str | None = None,
     allow_pickle: bool = False,
+    vae: str | None = None,
     pipe=None,
     progress: bool = True,
 ) -> InversionResult:
@@ -311,9 +319,10 @@ def invert(
     """
     import time
 
+    from .families import family_of
     from .images import open_image, resize_to_policy, to_pil
     from .lora import adapter_weights
-    from .models import DEFAULT_MODEL, decode_latents, encode_image, encode_prompt, load_pipeline, stage_precision
+    from .models import DEFAULT_MODEL, decode_latents, encode_conditioning, encode_image, load_pipeline, stage_precision
 
     # 1. every input checked before the model loads
     inversion = (inversion or Inversion()).check()
@@ -323,13 +332,14 @@ def invert(
 
     # 2. model, latent, prompt embeddings
     if pipe is None:
-        pipe = load_pipeline(model or DEFAULT_MODEL, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        pipe = load_pipeline(model or DEFAULT_MODEL, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
     img = resize_to_policy(original, resolution or 8 * pipe.unet.config.sample_size)
     z0 = encode_image(pipe, img)
-    embeds = encode_prompt(pipe, prompt)
-    negative = encode_prompt(pipe, negative_prompt) if guidance != 1.0 else None
+    size = (img.height, img.width)
+    embeds = encode_conditioning(pipe, prompt, size)
+    negative = encode_conditioning(pipe, negative_prompt, size, negative=True) if guidance != 1.0 else None
     schedule = ddim_schedule(pipe.scheduler.config, steps)
-    _attach_lora(pipe.unet, lora, allow_pickle)
+    _attach_lora(pipe, lora, allow_pickle)
 
     # 3. invert and regenerate, under this LoRA alone (or the base model alone: never under adapters a
     #    reused `pipe` holds), with the UNet in fp32
@@ -351,7 +361,8 @@ def invert(
     decoded, round_trip = decode_latents(pipe, regenerated), decode_latents(pipe, z0)
     reconstruction = to_pil(decoded)[0]
     error, psnr_db = latent_error(regenerated, z0), image_psnr(decoded, round_trip)
-    settings = {"prompt": prompt, "steps": steps, "inversion": inversion.key(), "guidance": guidance,
+    settings = {"family": family_of(pipe).name, "prompt": prompt, "steps": steps, "inversion": inversion.key(),
+                "guidance": guidance,
                 "negative_prompt": negative_prompt if guidance != 1.0 else "", "model": str(model),
                 "lora": str(lora or ""), "size": f"{img.width}x{img.height}", "precision": precision}
     report = {"latent_error": error, "psnr": psnr_db, "model_calls": calls[0], "seconds": seconds, **settings}
@@ -361,10 +372,12 @@ def invert(
                            seconds)
 
 
-def _attach_lora(unet, lora, allow_pickle: bool) -> None:
-    """The LoRA to invert under, as adapter "inverted" (replacing one a reused pipeline holds)."""
+def _attach_lora(pipe, lora, allow_pickle: bool) -> None:
+    """The LoRA to invert under, as adapter "inverted" (replacing one a reused pipeline holds); a LoRA made for
+    another model family is refused."""
     from .lora import load_lora
 
+    unet = pipe.unet
     if "inverted" in getattr(unet, "peft_config", {}):
         unet.delete_adapters("inverted")
     if lora is not None:

@@ -26,9 +26,9 @@ from .images import check_resolution, list_images, open_image, resize_to_policy,
 from .inversion import check_steps
 from .lora import adapter_weights, load_loras, merged_updates, parse_lora_spec
 from .lora_files import LoraFile, check_weight, read_lora_file
-from .models import DEFAULT_CONTROLNET, DEFAULT_MODEL, encode_image, load_controlnet, load_pipeline, resolve_device
+from .families import family_of
+from .models import DEFAULT_MODEL, controlnet_for, encode_image, load_pipeline, resolve_device
 from .stages import Stages
-from .tiny import TINY_NAME
 
 CANNY_SIGMA = 0.33  # automatic thresholds: (1 -/+ sigma) x the median brightness
 ADAPTER_PREFIX = "style"  # adapters style0, style1, ...: names that are no substring of a UNet module key
@@ -101,30 +101,36 @@ def control_image(edges: np.ndarray) -> Image.Image:
 
 
 def controlnet_pipeline(pipe, controlnet):
-    """A `StableDiffusionControlNetImg2ImgPipeline` sharing the components (and scheduler) of `pipe`.
+    """The family's ControlNet img2img pipeline (`StableDiffusionControlNetImg2ImgPipeline`, or its SDXL
+    counterpart) sharing the components (and scheduler) of `pipe`.
 
-    `pipe` is a Stable Diffusion pipeline such as `load_pipeline` returns; its modules are shared, not
-    copied, so LoRAs loaded into `pipe.unet` act in the new pipeline too.
+    `pipe` is a pipeline such as `load_pipeline` returns; its modules are shared, not copied, so LoRAs loaded
+    into `pipe.unet` act in the new pipeline too.
     """
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+    import inspect
 
+    family = family_of(pipe)
     check_controlnet_fits(controlnet, pipe.unet)
-    components = {k: v for k, v in pipe.components.items() if k != "controlnet"}
-    components.update(safety_checker=None, feature_extractor=None)
-    cn_pipe = StableDiffusionControlNetImg2ImgPipeline(**components, controlnet=controlnet,
-                                                        requires_safety_checker=False)
+    cls = family.pipeline_class("controlnet_img2img")
+    accepted = inspect.signature(cls.__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in accepted and k != "controlnet"}
+    components.update({k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in accepted})
+    settings = {k: v for k, v in family.pipeline_kwargs().items() if k in accepted}
+    cn_pipe = cls(**components, controlnet=controlnet, **settings)
     cn_pipe.set_progress_bar_config(disable=True)
     return cn_pipe
 
 
 def check_controlnet_fits(controlnet, unet) -> None:
     """Raise `ConfigError` when `controlnet` was made for another UNet (its residuals would not add up)."""
-    keys = ("in_channels", "block_out_channels", "cross_attention_dim", "layers_per_block")
+    keys = ("in_channels", "block_out_channels", "cross_attention_dim", "layers_per_block", "addition_embed_type")
     theirs, ours = ({k: _plain(m.config.get(k)) for k in keys} for m in (controlnet, unet))
     if theirs != ours:
         differ = ", ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in keys if theirs[k] != ours[k])
+        family = family_of(unet)
         raise ConfigError(f"The ControlNet does not fit the base model ({differ}). Use a ControlNet made for it: "
-                          f"{DEFAULT_CONTROLNET} for SD 1.5, or 'tiny' with --model tiny.")
+                          f"{family.default_controlnet} for {family.label}, or 'tiny' with --model "
+                          f"{family.tiny_name}.")
 
 
 def _plain(value):
@@ -299,20 +305,17 @@ def planned_outputs(todo: list[Path], out: Path, overwrite: bool) -> dict[Path, 
     return targets
 
 
-def stylize_pipeline(pipe, model: str, controlnet: str | None, *, device=None, dtype=None, allow_pickle=False):
+def stylize_pipeline(pipe, model: str, controlnet: str | None, *, device=None, dtype=None, allow_pickle=False,
+                     vae=None):
     """The ControlNet img2img pipeline: `pipe` itself if it is one, else `pipe` (or `model`, loaded) with the
-    ControlNet added (`controlnet`, by default `tiny` for the tiny model and `DEFAULT_CONTROLNET` otherwise)."""
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline
-
-    if isinstance(pipe, StableDiffusionControlNetImg2ImgPipeline):
+    ControlNet added (`controlnet`, by default `tiny` for a tiny model and the family's ControlNet-Canny
+    otherwise)."""
+    if pipe is not None and isinstance(pipe, family_of(pipe).pipeline_class("controlnet_img2img")):
         check_controlnet_fits(pipe.controlnet, pipe.unet)
         return pipe
     if pipe is None:
-        pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    if controlnet is None:
-        controlnet = TINY_NAME if str(model) == TINY_NAME else DEFAULT_CONTROLNET
-    net = load_controlnet(controlnet, device=pipe.unet.device, dtype=pipe.unet.dtype, allow_pickle=allow_pickle)
-    return controlnet_pipeline(pipe, net)
+        pipe = load_pipeline(model, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
+    return controlnet_pipeline(pipe, controlnet_for(pipe, model, controlnet, allow_pickle))
 
 
 def stylize(
@@ -338,6 +341,7 @@ def stylize(
     device: str | None = None,
     dtype: str | None = None,
     allow_pickle: bool = False,
+    vae: str | None = None,
     pipe=None,
     progress: bool = True,
 ) -> StylizeResult:
@@ -352,8 +356,9 @@ def stylize(
     Settings, LoRA files, inputs and outputs are checked before the model loads, and the LoRAs are loaded
     into it (and refused if they do not fit) before any image is drawn. After that, an image that fails is recorded in
     `result.failed` and the others are still done. `controlnet`: as `load_controlnet` takes it; by default
-    `tiny` for the tiny model and `DEFAULT_CONTROLNET` otherwise. `pipe`: a loaded Stable Diffusion pipeline
-    (the ControlNet is added to it), or a ControlNet img2img pipeline used as it is.
+    `tiny` for a tiny model and the family's ControlNet-Canny otherwise (SD 1.5: lllyasviel/sd-controlnet-canny,
+    SDXL: diffusers/controlnet-canny-sdxl-1.0). `pipe`: a loaded SD 1.x or SDXL pipeline (the ControlNet is
+    added to it), or a ControlNet img2img pipeline used as it is. `vae`: another VAE for `model` (--vae).
     """
     # 1. everything that can be checked before the model is loaded
     check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed, canny_low, canny_high, resolution)
@@ -367,7 +372,7 @@ def stylize(
 
     stages = Stages(pipe.unet.device if pipe is not None else resolve_device(device))
     stages.begin()
-    cn_pipe = stylize_pipeline(pipe, model, controlnet, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    cn_pipe = stylize_pipeline(pipe, model, controlnet, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
     cn_pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising", **bar_options())
     unet = cn_pipe.unet
     resolution = resolution or 8 * unet.config.sample_size
@@ -399,7 +404,8 @@ def stylize_images(cn_pipe, specs, lora_scale: float, todo: list[Path], targets:
         weights = load_loras(cn_pipe, specs, prefix=ADAPTER_PREFIX, plain_only=True)
         weights = {name: w * lora_scale for name, w in weights.items()}
         scaled = [(lora_file, w * lora_scale) for lora_file, w in specs]
-        with adapter_weights(unet, weights), merged_updates(cn_pipe, scaled, ("unet", "text_encoder"), only_merged=True):
+        parts = family_of(cn_pipe).part_names()
+        with adapter_weights(unet, weights), merged_updates(cn_pipe, scaled, parts, only_merged=True):
             for file in tqdm(todo, desc="stylizing", unit="image", disable=not progress):
                 try:
                     stylized.append(_stylize_one(cn_pipe, file, targets.get(file), resolution, canny_low, canny_high,

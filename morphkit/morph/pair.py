@@ -27,7 +27,8 @@ from ..inversion import DDIMSchedule, ddim_schedule
 from ..io import check_regular_file, sha256_file
 from ..lora import adapter_metadata, load_lora, lora_state_dict, save_lora
 from ..lora_files import read_lora_file
-from ..models import (PICKLE_SUFFIXES, encode_image, encode_prompt, load_pipeline, module_precision,
+from ..families import PromptEmbeds, family_of
+from ..models import (PICKLE_SUFFIXES, encode_conditioning, encode_image, load_pipeline, module_precision,
                       resolve_device, stage_precision)
 from ..stages import Stages
 from .sampling import ADAPTERS, invert_under_loras
@@ -49,8 +50,8 @@ class PreparedPair:
     settings: MorphSettings
     images: tuple[Image.Image, Image.Image]
     latents: list[torch.Tensor]  # each (1, 4, h, w)
-    embeds: list[torch.Tensor]  # each (1, tokens, dim)
-    negative: torch.Tensor | None  # the negative prompt's embedding, when guidance is not 1
+    embeds: list[PromptEmbeds]  # each one prompt: (1, tokens, dim), and SDXL's pooled embedding and time ids
+    negative: PromptEmbeds | None  # the negative prompt's, when guidance is not 1
     noises: list[torch.Tensor]  # each (1, 4, h, w): the inverted noise of each image
     schedule: DDIMSchedule
     hits: dict[str, bool] = field(default_factory=dict)  # cache hits: lora_a, lora_b, inversion_a, inversion_b
@@ -77,8 +78,8 @@ class PreparedKeyframes:
     settings: MorphSettings
     images: tuple[Image.Image, ...]
     latents: list[torch.Tensor]
-    embeds: list[torch.Tensor]
-    negative: torch.Tensor | None
+    embeds: list[PromptEmbeds]
+    negative: PromptEmbeds | None
     noises: list[torch.Tensor]
     schedule: DDIMSchedule
     hits: dict[str, bool] = field(default_factory=dict)  # lora_<label>, inversion_<label>: a, b for a pair; 1, 2, ...
@@ -179,7 +180,7 @@ def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=Non
     given_pipe = pipe
     if pipe is None:
         pipe = load_pipeline(settings.model, device=settings.device, dtype=settings.dtype,
-                             allow_pickle=settings.allow_pickle)
+                             allow_pickle=settings.allow_pickle, vae=settings.vae)
     for name in list(getattr(pipe.unet, "peft_config", {})):
         if KEYFRAME_ADAPTER.fullmatch(name):  # an earlier preparation's
             pipe.unet.delete_adapters(name)
@@ -188,8 +189,10 @@ def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=Non
     prompts = settings.keyframe_prompts(len(sized))
     check_distinct(keys, prompts, settings)
     latents = [encode_image(pipe, img) for img in sized]
-    embeds = [encode_prompt(pipe, p) for p in prompts]
-    negative = encode_prompt(pipe, settings.negative_prompt) if settings.guidance != 1.0 else None
+    size = (sized[0].height, sized[0].width)  # every frame's: SDXL's time ids (original = target size, no crop)
+    embeds = [encode_conditioning(pipe, p, size) for p in prompts]
+    negative = (encode_conditioning(pipe, settings.negative_prompt, size, negative=True)
+                if settings.guidance != 1.0 else None)
     store, fingerprint = pair_cache(settings, pipe, given_pipe is not None)
     stages.end("load")
 
@@ -241,7 +244,11 @@ def pair_cache(settings: MorphSettings, pipe, given_pipe: bool) -> tuple[TensorC
         source = getattr(pipe, "morphkit_model", None) or getattr(pipe, "name_or_path", None)
     if source is None:
         store = TensorCache(None)
-    return store, f"{model_fingerprint(str(source))}:{pipe.unet.dtype}"
+    fingerprint = f"{model_fingerprint(str(source))}:{pipe.unet.dtype}"
+    family = family_of(pipe)
+    if family.name != "sd15" or settings.vae:  # SD 1.x keys stay as they were, so that its cache stays valid
+        fingerprint += f":{family.name}:vae={model_fingerprint(str(settings.vae)) if settings.vae else 'own'}"
+    return store, fingerprint
 
 
 def attach_loras(pipe, settings: MorphSettings, keys, latents, embeds, store: TensorCache, fingerprint: str,
@@ -306,7 +313,8 @@ def claim_fits(unet, store: TensorCache, to_fit: dict, held: contextlib.ExitStac
 def fit_due(pipe, train, to_fit: dict, latents, embeds, fit_settings, together: bool, progress: bool) -> None:
     """Fit the adapters of `to_fit` ({name: (image index, cache path)}): two at a time in one batch when
     `together`, else one by one."""
-    examples = {name: [train.EncodedExample([latents[i][0]], [embeds[i][0]])] for name, (i, _) in to_fit.items()}
+    examples = {name: [train.EncodedExample([latents[i][0]], [fit_conditioning(train, pipe, embeds[i])])]
+                for name, (i, _) in to_fit.items()}
     names = list(examples)
     groups = [names[k:k + 2] for k in range(0, len(names), 2)] if together else [[n] for n in names]
     for group in groups:
@@ -314,6 +322,20 @@ def fit_due(pipe, train, to_fit: dict, latents, embeds, fit_settings, together: 
             train.fit_loras(pipe, {n: examples[n] for n in group}, fit_settings, progress=progress)
         else:
             train.fit_lora(pipe, examples[group[0]], fit_settings, adapter_name=group[0], progress=progress)
+
+
+def fit_conditioning(train, pipe, cond: PromptEmbeds):
+    """A keyframe's prompt as the trainer takes it: SD 1.x's token embeddings (one sample, as before); for a family
+    the trainer lists in `train.FAMILIES`, the whole `PromptEmbeds` row (SDXL: pooled embedding and time ids too)."""
+    family = family_of(pipe)
+    if family.name == "sd15":
+        return cond.embeds[0]
+    if family.name not in getattr(train, "FAMILIES", ("sd15",)):
+        raise ConfigError(f"Fitting a LoRA per image on {family.label} needs the trainer's {family.label} support, "
+                          "which this version does not have yet. Morph without fitting: --tuning-free (the base "
+                          "model, exact inversion keeps the ends), or give each image's LoRA with --lora-a and "
+                          "--lora-b.")
+    return cond.rows(0)
 
 
 def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, negative, schedule,
@@ -360,7 +382,7 @@ def invert_due(pipe, settings: MorphSettings, todo: list, latents, embeds, negat
         sides = [images[0] for _, images in chunk]
         adapters = [None if settings.tuning_free else names[s] for s in sides]
         inverted = invert_under_loras(pipe, torch.cat([latents[s] for s in sides]),
-                                      torch.cat([embeds[s] for s in sides]), adapters, schedule, progress=progress,
+                                      PromptEmbeds.cat([embeds[s] for s in sides]), adapters, schedule, progress=progress,
                                       desc=inverting(labels, sides),
                                       inversion=settings.inversion_method, guidance=settings.guidance,
                                       negative=negative)

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from ..families import PromptEmbeds, as_prompt_embeds
 from ..inversion import Inversion, eps_model, invert_latents, sample_ddim
 from ..lora import adapter_weights, one_hot_weights
 from ..lora_blend import lora_blend as blend_loras
@@ -28,7 +29,8 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
                   attention: AttentionStore | None = None) -> torch.Tensor:
     """Latents of the frames at `alphas`, `batch_size` frames per UNet call.
 
-    Each frame has its own starting noise (slerp, and AdaIN with `adain`), prompt embedding (lerp) and
+    Each frame has its own starting noise (slerp, and AdaIN with `adain`), prompt conditioning (lerp of the
+    token embeddings and, for SDXL, of the pooled embeddings and time ids: `PromptEmbeds` or tensors) and
     LoRA blend at its α (`blend`: "adapters" or "factors", see `morphkit.lora_blend`), all given per
     sample inside one batch. The end frames (α = 0 or 1) render first. With `attention` (an
     `AttentionStore`), the in-between frames' self-attention in the up blocks interpolates the ends' for
@@ -42,14 +44,15 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
     groups = 1 if guidance == 1.0 else 2  # the guided batch is [negative, positive]
     run = None if attention is None else _AttentionRun(attention, record=attention.keep or len(chunks) > 1)
     step_of = {int(t): i for i, t in enumerate(schedule.timesteps)}
+    cond_a, cond_b = as_prompt_embeds(embeds_a), as_prompt_embeds(embeds_b)
     out = None
     with interpolated_self_attention(unet, run) if run is not None else contextlib.nullcontext():
         for idx in chunks:
             chunk = alphas[idx]
             x = start_latents(noise_a, noise_b, chunk, adain).to(device, torch.float32)
-            embeds = lerp(embeds_a[0], embeds_b[0], chunk).to(device)
+            embeds = cond_a.lerp(cond_b, chunk, lerp).to(device)
             weights = chunk.float().to(device).repeat(groups)
-            neg = None if negative is None else negative.expand(len(chunk), -1, -1).to(device)
+            neg = None if negative is None else as_prompt_embeds(negative).expand(len(chunk)).to(device)
             if run is not None:
                 run.set_batch(chunk, groups, device)
             with blend_loras(unet, adapters, weights, blend) if adapters else adapter_weights(unet, {}):
@@ -84,9 +87,9 @@ def sample_weights(adapters: list[str | None], device, groups: int = 1) -> dict[
 
 
 @torch.no_grad()
-def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor, adapters: list[str | None], schedule,
-                       progress: bool = False, desc: str = "inverting", *, inversion: Inversion = Inversion(),
-                       guidance: float = 1.0, negative: torch.Tensor | None = None) -> torch.Tensor:
+def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor | PromptEmbeds, adapters: list[str | None],
+                       schedule, progress: bool = False, desc: str = "inverting", *, inversion: Inversion = Inversion(),
+                       guidance: float = 1.0, negative: torch.Tensor | PromptEmbeds | None = None) -> torch.Tensor:
     """Invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone (None: no LoRA) and
     its own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls.
 
@@ -95,7 +98,7 @@ def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor, adapte
     """
     unet = pipe.unet
     groups = 1 if guidance == 1.0 else 2
-    neg = None if negative is None else negative.expand(len(latents), -1, -1)
+    neg = None if negative is None else as_prompt_embeds(negative).expand(len(latents))
     with adapter_weights(unet, sample_weights(adapters, unet.device, groups)):
         model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
                           pipe.scheduler.alphas_cumprod)

@@ -61,6 +61,7 @@ class MorphSettings:
 
     # the keyframes: model, prompts, LoRAs (prepare)
     model: str = prepare(DEFAULT_MODEL)
+    vae: str | None = prepare(None)  # another VAE for the model (SDXL: madebyollin/sdxl-vae-fp16-fix for fp16)
     prompt: str = prepare("")
     prompt_a: str | None = prepare(None)
     prompt_b: str | None = prepare(None)

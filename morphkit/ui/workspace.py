@@ -275,13 +275,10 @@ class Workspace:
     def controlnet_pipe(self):
         """The ControlNet img2img pipeline around the server's model, built on first use and kept."""
         if self._cn_pipe is None:
-            from ..models import DEFAULT_CONTROLNET, load_controlnet
+            from ..models import controlnet_for
             from ..stylize import controlnet_pipeline
-            from ..tiny import TINY_NAME
 
-            name = self.controlnet or (TINY_NAME if self.model == TINY_NAME else DEFAULT_CONTROLNET)
-            unet = self.pipe.unet
-            net = load_controlnet(name, device=unet.device, dtype=unet.dtype, allow_pickle=self.allow_pickle)
+            net = controlnet_for(self.pipe, self.model, self.controlnet, self.allow_pickle)
             self._cn_pipe = controlnet_pipeline(self.pipe, net)
         return self._cn_pipe
 
