@@ -10,8 +10,13 @@ from pathlib import Path
 import typer
 
 MODEL_HELP = (
-    "Base model: a hub id (used from the local Hugging Face cache when there), a local diffusers folder, "
-    "a single-file SD 1.5 .safetensors checkpoint, or 'tiny' (built-in test model)."
+    "Base model, SD 1.x or SDXL (told from the checkpoint): a hub id (used from the local Hugging Face cache when "
+    "there), a local diffusers folder, a single-file SD 1.5 or SDXL .safetensors checkpoint, or 'tiny' / "
+    "'tiny-sdxl' (built-in test models)."
+)
+VAE_HELP = (
+    "Another VAE for the model: a diffusers VAE folder, a hub id, or a .safetensors file. For SDXL in fp16, "
+    "madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE overflows in fp16, so it is decoded in fp32). [default: the model's]"
 )
 
 

@@ -109,5 +109,6 @@ def fuse(
         fail("Give at least one --lora FILE[:WEIGHT].", 2)
     result = call(fuse_lora, model or morphkit.models.DEFAULT_MODEL, loras, out, dtype=dtype, overwrite=overwrite,
                   allow_pickle=allow_pickle)
-    typer.echo(f"Fused {len(loras)} LoRA(s) into {result.layers['unet']} UNet and {result.layers['text_encoder']} "
+    text = sum(n for part, n in result.layers.items() if part != "unet")  # SDXL: both text encoders
+    typer.echo(f"Fused {len(loras)} LoRA(s) into {result.layers['unet']} UNet and {text} "
                f"text-encoder layers: {printable(result.path)}")

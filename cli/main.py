@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import DTYPE_HELP, MODEL_HELP, call, fail
+from cli.common import DTYPE_HELP, MODEL_HELP, VAE_HELP, call, fail
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -162,6 +162,7 @@ def invert(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP + " Inversion and regeneration run with the UNet in fp32 whatever it is."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled .ckpt/.pt/.bin model (loaded with weights_only=True). Only for files you trust."),
+    vae: Optional[str] = typer.Option(None, "--vae", help=VAE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Invert an image back to the noise that DDIM sampling maps onto it (exact fixed-point inversion by default).
@@ -176,7 +177,8 @@ def invert(
     settings = Inversion(inversion, **given)
     result = call(morphkit.invert, image, prompt, lora=lora, model=model, steps=steps, inversion=settings,
                   guidance=guidance, negative_prompt=negative_prompt, resolution=resolution, output_dir=output_dir,
-                  overwrite=overwrite, device=device, dtype=dtype, allow_pickle=allow_pickle, progress=not quiet)
+                  overwrite=overwrite, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae,
+                  progress=not quiet)
     guided = f", guidance {guidance:g}" if guidance != 1.0 else ""
     typer.echo(f"Inverted with {settings.describe()}: {steps} steps{guided}, {result.model_calls} UNet calls in "
                f"{result.seconds:.1f} s, UNet in {result.settings['precision']}.")

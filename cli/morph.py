@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import DTYPE_HELP, MODEL_HELP, call, fail
+from cli.common import DTYPE_HELP, MODEL_HELP, VAE_HELP, call, fail
 
 PICKLE_HELP = ("Allow a pickled .ckpt/.pt/.bin --model (loaded with weights_only=True). Only for files you trust; "
                "LoRA files must be .safetensors.")
@@ -97,6 +97,7 @@ def morph(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help=PICKLE_HELP),
+    vae: Optional[str] = typer.Option(None, "--vae", help=VAE_HELP),
     attn_lambda: Optional[float] = typer.Option(None, "--attn-lambda", help=HELP["attn_lambda"]),
     adain: Optional[bool] = typer.Option(None, "--adain/--no-adain", help=HELP["adain"]),
     pacing: Optional[str] = typer.Option(None, "--pacing", help=HELP["pacing"]),
@@ -133,7 +134,7 @@ def morph(
         dtype=dtype, allow_pickle=allow_pickle, attn_lambda=attn_lambda, adain=adain, pacing=pacing,
         distance=distance, lora_blend=lora_blend, compile_unet=compile_unet, tuning_free=tuning_free,
         inversion=inversion, inversion_iterations=inversion_iterations, inversion_tolerance=inversion_tolerance,
-        fp32_ends=fp32_ends,
+        fp32_ends=fp32_ends, vae=vae,
     )
     settings = call(morphkit.MorphSettings.resolve, config, **options)
     result = call(morphkit.morph_chain, images, settings, progress=not quiet)

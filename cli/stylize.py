@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import DTYPE_HELP, MODEL_HELP, call
+from cli.common import DTYPE_HELP, MODEL_HELP, VAE_HELP, call
 
 LORA_HELP = ("A style LoRA (.safetensors, kohya or diffusers format), optionally with its weight as PATH:WEIGHT "
              "(default 1). Repeat for several.")
@@ -21,10 +21,11 @@ CANNY_LOW_HELP = ("Canny low threshold, 0-255. [default: 0.67 x each image's med
 CANNY_HIGH_HELP = ("Canny high threshold, 0-255, at least --canny-low. [default: 1.33 x each image's median "
                    "brightness, or twice --canny-low when only that is given; at most 255]")
 RESOLUTION_HELP = ("Shorter side of the output in pixels, a multiple of 8; the aspect ratio is kept. "
-                   "[default: the model's, 512 for SD 1.5]")
+                   "[default: the model's, 512 for SD 1.5, 1024 for SDXL]")
 CONTROLNET_HELP = (
-    "ControlNet-Canny: a hub id, a local diffusers folder, a single-file SD 1.5 ControlNet .safetensors, or 'tiny' "
-    "(the built-in test model's). [default: lllyasviel/sd-controlnet-canny; tiny with --model tiny]"
+    "ControlNet-Canny: a hub id, a local diffusers folder, a single-file SD 1.5 or SDXL ControlNet .safetensors, "
+    "or 'tiny' (the built-in test model's of the model's family). [default: lllyasviel/sd-controlnet-canny for "
+    "SD 1.x, diffusers/controlnet-canny-sdxl-1.0 for SDXL; tiny with --model tiny or tiny-sdxl]"
 )
 PICKLE_HELP = ("Allow a pickled .ckpt/.pt/.bin model or ControlNet (loaded with weights_only=True). "
                "Only for files you trust.")
@@ -55,6 +56,7 @@ def stylize(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
+    vae: Optional[str] = typer.Option(None, "--vae", help=VAE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):
     """Redraw photos with style LoRAs through ControlNet-Canny img2img.
@@ -72,7 +74,7 @@ def stylize(
         strength=strength, guidance=guidance, controlnet_scale=controlnet_scale, steps=steps, seed=seed,
         canny_low=canny_low, canny_high=canny_high, resolution=resolution, model=model or DEFAULT_MODEL,
         controlnet=controlnet, output_dir=output_dir, overwrite=overwrite, device=device,
-        dtype=dtype, allow_pickle=allow_pickle, progress=not quiet,
+        dtype=dtype, allow_pickle=allow_pickle, vae=vae, progress=not quiet,
     )
     total = len(result.stylized) + len(result.failed)
     loras = ", ".join(f"{path.name} x{weight:g}" for path, weight in result.loras) or "none"

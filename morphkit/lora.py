@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import LoRAError
+from .families import family_of
 from .io import atomic_write, check_can_write
 from .lora_files import (
     DIFFUSERS_METADATA_KEY,
@@ -32,6 +33,7 @@ from .lora_files import (
     LoraModule,
     Update,
     as_lora,
+    check_family,
     check_weight,
     clean_header,
     diffusers_state_dict,
@@ -223,6 +225,7 @@ def load_lora(unet, source: str | os.PathLike | LoraFile, adapter_name: str, all
     """
     lora = source if isinstance(source, LoraFile) else read_lora_file(source, allow_pickle)
     path = lora.where()
+    check_family(unet, lora, path)
     if not lora.part("unet"):
         parts = ", ".join(sorted({k.partition(".")[0] for k in lora.modules}))
         raise LoRAError(f"{path} holds no LoRA weights for the UNet (only for {parts}); morphkit needs a UNet part.")
@@ -455,14 +458,16 @@ def fuse_lora(
         raise LoRAError("Nothing to fuse: give at least one --lora FILE[:WEIGHT].")
     files = [(path, read_lora_file(path, allow_pickle), check_weight(w, shown(path))) for path, w in pairs]
     pipe = load_pipeline(model, device="cpu", dtype="fp32", allow_pickle=allow_pickle)
-    layers = {"unet": 0, "text_encoder": 0}
+    parts = family_of(pipe).part_names()  # unet, text_encoder (and SDXL's text_encoder_2)
+    layers = dict.fromkeys(parts, 0)
     for path, lora, w in files:
-        unet_part = for_unet(lora, pipe.unet)
-        check_fits(pipe.unet, unet_part, shown(path))
-        check_fits(pipe.text_encoder, lora, shown(path), "text_encoder")
-        layers["unet"] += fuse_into(pipe.unet, unet_part.part("unet"), w)
-        layers["text_encoder"] += fuse_into(pipe.text_encoder, lora.part("text_encoder"), w)
-    for part in ("unet", "text_encoder"):  # never write a tensor that is not finite in the file's precision
+        check_family(pipe, lora, shown(path))
+        lora = for_unet(lora, pipe.unet)
+        for part in parts:
+            check_fits(getattr(pipe, part), lora, shown(path), part)
+        for part in parts:
+            layers[part] += fuse_into(getattr(pipe, part), lora.part(part), w)
+    for part in parts:  # never write a tensor that is not finite in the file's precision
         for key, t in getattr(pipe, part).state_dict().items():
             if t.is_floating_point() and not torch.isfinite(t.to(dtypes[dtype])).all():
                 raise LoRAError(f"The fused {part} overflows {dtype} at {shown(key)}; nothing was written. Lower the "

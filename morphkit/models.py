@@ -28,8 +28,8 @@ from safetensors import safe_open
 
 from .errors import ConfigError, ModelNotFoundError
 from .families import SD15, SDXL, family_of, family_of_folder, family_of_single_file
-from .tiny import TINY_NAME, TINY_UNET_CHANNELS, tiny_controlnet_path, tiny_model_path
-from .tiny_sdxl import TINY_SDXL_NAME, TINY_SDXL_UNET_CHANNELS, tiny_sdxl_controlnet_path, tiny_sdxl_model_path
+from .tiny import TINY_NAME, TINY_UNET_CHANNELS, tiny_model_path
+from .tiny_sdxl import TINY_SDXL_NAME, TINY_SDXL_UNET_CHANNELS, tiny_sdxl_model_path
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CONTROLNET = "lllyasviel/sd-controlnet-canny"

@@ -116,7 +116,7 @@ def controlnet_pipeline(pipe, controlnet):
     components = {k: v for k, v in pipe.components.items() if k in accepted and k != "controlnet"}
     components.update({k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in accepted})
     settings = {k: v for k, v in family.pipeline_kwargs().items() if k in accepted}
-    cn_pipe = cls(**components, controlnet=controlnet, **settings)
+    cn_pipe = cls(**{**components, **settings}, controlnet=controlnet)
     cn_pipe.set_progress_bar_config(disable=True)
     return cn_pipe
 

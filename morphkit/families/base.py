@@ -96,7 +96,7 @@ class Family:
     text_encoders: tuple[TextEncoder, ...]
     config_folder: Path  # the diffusers configs for single-file checkpoints (no weights)
     controlnet_config_folder: Path
-    base_model_version: str  # kohya's ss_base_model_version
+    lora_bases: tuple[str, ...]  # the bases `lora_files.made_for` names of LoRAs that fit this family
     pipeline_names: dict[str, str]  # "txt2img" / "img2img" / "controlnet_img2img" -> diffusers class name
 
     def pipeline_class(self, kind: str = "txt2img"):
@@ -141,6 +141,12 @@ class Family:
     def added_cond_kwargs(self, cond: PromptEmbeds, dtype=None) -> dict | None:
         """The UNet's `added_cond_kwargs` for `cond` (None where the UNet takes none)."""
         return None
+
+    def unet_config(self) -> dict:
+        """The UNet config of the family's base model, as shipped in `config_folder` (no weights)."""
+        import json
+
+        return json.loads((self.config_folder / "unet" / "config.json").read_text(encoding="utf-8"))
 
     def kohya_unet_name(self, path: str, unet_config) -> str:
         """A diffusers UNet module path as the family's kohya files name it (without `lora_unet_`)."""

@@ -25,7 +25,7 @@ class SD15Family(Family):
     text_encoders = (TextEncoder("text_encoder", "tokenizer", "lora_te_", "clip_l"),)
     config_folder = CONFIGS / "sd15"
     controlnet_config_folder = CONFIGS / "sd15-controlnet"
-    base_model_version = "sd_v1"
+    lora_bases = ("SD 1.x", "SD 2.x", "SD 1.x or 2.x")  # what `lora_files.made_for` says of LoRAs that fit
     pipeline_names = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
                       "controlnet_img2img": "StableDiffusionControlNetImg2ImgPipeline"}
 

@@ -35,7 +35,7 @@ class SDXLFamily(Family):
                      TextEncoder("text_encoder_2", "tokenizer_2", "lora_te2_", "clip_g"))
     config_folder = CONFIGS / "sdxl"
     controlnet_config_folder = CONFIGS / "sdxl-controlnet"
-    base_model_version = "sdxl_base_v1-0"
+    lora_bases = ("SDXL",)  # what `lora_files.made_for` says of LoRAs that fit
     pipeline_names = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
                       "controlnet_img2img": "StableDiffusionXLControlNetImg2ImgPipeline"}
 

@@ -17,8 +17,8 @@ Modules: `names` (naming, printing, header patterns), `updates` (the math), `rea
 `inspect`, `mixing`, `merging` (finding layers in a model), `spec` (`FILE:WEIGHT`).
 """
 
-from .inspect import describe, guess_base, info_lines, loaders, lora_info
-from .merging import ConvertResult, find_layer, for_unet, part_of, weight_of
+from .inspect import describe, family_of_lora, guess_base, info_lines, loaders, lora_info, made_for
+from .merging import ConvertResult, check_family, find_layer, for_unet, part_of, weight_of
 from .mixing import MixResult, check_weight, mix_lora_files, mix_loras
 from .names import (
     KOHYA_PREFIXES,
@@ -64,8 +64,10 @@ from .writing import (
     info_header,
     kohya_dropped_targets,
     kohya_header,
+    kohya_name,
     kohya_state_dict,
     lora_from_peft,
+    lora_from_peft_parts,
     peft_metadata,
     save_lora_file,
     tag_frequency,

@@ -48,6 +48,35 @@ def guess_base(lora: LoraFile) -> str:
     return "unknown"
 
 
+_HEADER_BASES = (("ss_base_model_version", (("sdxl", "SDXL"), ("sd_v1", "SD 1.x"), ("sd_v2", "SD 2.x"))),
+                 ("modelspec.architecture", (("stable-diffusion-xl", "SDXL"), ("stable-diffusion-v1", "SD 1.x"),
+                                             ("stable-diffusion-v2", "SD 2.x"))))
+
+
+def made_for(lora: LoraFile) -> str | None:
+    """The base a LoRA was made for, when something says so: "SDXL", "SD 1.x", "SD 2.x", "SD 1.x or 2.x"; or None.
+
+    A second text encoder part means SDXL whatever the header says; then the header kohya's trainer, morphkit and
+    most tools write (`ss_base_model_version`, `modelspec.architecture`); then `guess_base` from the layers."""
+    if lora.part("text_encoder_2"):
+        return "SDXL"
+    for key, prefixes in _HEADER_BASES:
+        value = str(lora.metadata.get(key, ""))
+        for prefix, base in prefixes:
+            if value.startswith(prefix):
+                return base
+    base = guess_base(lora)
+    return None if base.startswith("unknown") else base
+
+
+def family_of_lora(lora: LoraFile, default=None):
+    """The model family (`morphkit.families`) a LoRA fits, from `made_for`; `default` when nothing says."""
+    from ..families import FAMILIES
+
+    base = made_for(lora)
+    return next((f for f in FAMILIES if base in f.lora_bases), default)
+
+
 def loaders(lora: LoraFile) -> dict[str, str]:
     """Which tools apply the file as it is: {tool: 'yes' | 'partly: why' | 'no: why'}."""
     kinds = {m.kind for m in lora.modules.values() if m.has_weight_update}
@@ -84,6 +113,7 @@ def describe(lora: LoraFile) -> dict:
         "modules": len(lora.modules),
         "unet_modules": len(lora.part("unet")),
         "text_encoder_modules": len(lora.part("text_encoder")) + len(lora.part("text_encoder_2")),
+        "text_encoder_1_modules": len(lora.part("text_encoder")),  # SDXL's te1 (CLIP-L) and te2 (bigG), apart
         "text_encoder_2_modules": len(lora.part("text_encoder_2")),
         "ranks": dict(sorted(Counter(getattr(m, "rank", None) for m in lora.modules.values()).items(),
                              key=lambda kv: (kv[0] is None, kv[0] or 0))),
@@ -117,7 +147,7 @@ def info_lines(report: dict, width: int = 100) -> list[str]:
 
     te = f"{report['text_encoder_modules']} text encoder"
     if report.get("text_encoder_2_modules"):
-        te += f" ({report['text_encoder_2_modules']} of them in the second)"
+        te += f": {report['text_encoder_1_modules']} te1, {report['text_encoder_2_modules']} te2"
     lines = [
         printable(report["path"]),
         f"  format:        {report['format']} ({counts(report['kinds'])})",

@@ -38,6 +38,21 @@ def for_unet(lora: LoraFile, unet) -> LoraFile:
     return LoraFile(modules, lora.metadata, lora.format, lora.path)
 
 
+def check_family(model, lora: LoraFile, path) -> None:
+    """Raise `LoRAError` when `lora` says it was made for another model family than `model`'s (a pipeline or UNet):
+    an SD 1.x LoRA on SDXL, or an SDXL LoRA on SD 1.x. A LoRA that does not say is left to the layer check."""
+    from ..families import family_of
+    from .inspect import made_for
+
+    family, base = family_of(model), made_for(lora)
+    if base is None or base in family.lora_bases:
+        return
+    other = "stabilityai/stable-diffusion-xl-base-1.0" if base == "SDXL" else "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    raise LoRAError(f"The LoRA {shown(path)} was made for {base}, and the model it is applied to is {family.label}: "
+                    f"its layers do not exist there or have other sizes. Use a LoRA trained on {family.label}, or "
+                    f"choose a {base} base model with --model (such as {other}).")
+
+
 def find_layer(model: torch.nn.Module, path: str, layers: dict | None = None):
     """The layer at `path` inside `model` (a text encoder's path with or without `text_model.`), or None."""
     layers = dict(model.named_modules()) if layers is None else layers

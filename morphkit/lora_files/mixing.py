@@ -11,7 +11,7 @@ import torch
 
 from ..errors import LoRAError
 from ..io import check_can_write
-from .inspect import guess_base
+from .inspect import family_of_lora, guess_base, made_for
 from .names import shown
 from .reading import read_lora_file
 from .spec import parse_lora_spec
@@ -39,10 +39,11 @@ def check_weight(weight, what) -> float:
 
 
 def _check_same_base(inputs: list[tuple[LoraFile, float]]):
-    bases = {guess_base(lf) for lf, _ in inputs}
+    """Refuse LoRAs of different bases (an SD 1.x one with an SDXL one), as the headers or the layers tell."""
+    bases = {made_for(lf) for lf, _ in inputs} - {None}
     named = {b for b in bases if b in ("SD 1.x", "SD 2.x", "SDXL")}
     if len(named) > 1 or ("SDXL" in bases and "SD 1.x or 2.x" in bases):
-        made = "; ".join(f"{lf.where()}: {guess_base(lf)}" for lf, _ in inputs)
+        made = "; ".join(f"{lf.where()}: {made_for(lf) or guess_base(lf)}" for lf, _ in inputs)
         raise LoRAError(f"The LoRAs were made for different models ({made}); mixing them would give a LoRA that fits "
                         "neither. Mix LoRAs of one base model.")
 
@@ -115,5 +116,5 @@ def mix_loras(loras, out: str | os.PathLike, rank: int | None = None, format: st
     result = mix_lora_files(inputs, rank)
     info = {"mix": json.dumps([[os.path.basename(str(p)), w] for p, w in pairs]),
             "mix_rank": "exact" if rank is None else str(rank), "mix_lost_energy": f"{result.lost_energy:.6g}"}
-    save_lora_file(out, result.lora, format, info, overwrite)
+    save_lora_file(out, result.lora, format, info, overwrite, family=family_of_lora(inputs[0][0]))
     return result

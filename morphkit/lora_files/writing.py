@@ -2,6 +2,9 @@
 
 - **kohya**: ``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, ``lora_te_`` for the text
   encoder, and the ``ss_*`` / ``modelspec.*`` header entries kohya's trainer writes and A1111 and civitai show.
+  SDXL files name the UNet in the original (LDM) layout (``lora_unet_input_blocks_4_1_...``) and the text
+  encoders ``lora_te1_`` / ``lora_te2_``, as kohya's SDXL trainer does: the model family decides
+  (`morphkit.families`).
 - **diffusers**: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` and PEFT's config under ``lora_adapter_metadata``.
   The text encoder's target modules and patterns are written without transformers 4's ``text_model.`` wrapper
   (``encoder.layers.0.self_attn.q_proj``), a '.'-suffix of the module's name under transformers 4 and its
@@ -26,7 +29,7 @@ from safetensors.torch import save_file
 
 from ..errors import LoRAError
 from ..io import atomic_write, check_can_write
-from .names import kohya_module_name, shown
+from .names import is_ldm_path, kohya_module_name, shown
 from .reading import DIFFUSERS_METADATA_KEY, read_lora_file
 from .updates import LoraFile, LoraModule, nearest_lora
 
@@ -73,13 +76,33 @@ def check_finite(tensors: dict[str, torch.Tensor], out) -> None:
 
 # ---------------------------------------------------------------------------------------------- tensors
 
-def kohya_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
+def kohya_name(name: str, family=None, unet_config=None) -> str:
+    """A canonical module name (`unet.<path>`, `text_encoder_2.<path>`) as `family`'s kohya files spell it: SD 1.x
+    (the default) keeps diffusers' block names and `lora_te_`; SDXL names the UNet in the LDM layout (from
+    `unet_config`, SDXL base's by default) and the text encoders `lora_te1_` / `lora_te2_`."""
+    if family is None:
+        return kohya_module_name(name)
+    part, _, path = name.partition(".")
+    if part == "unet":
+        if not is_ldm_path(path):
+            path = family.kohya_unet_name(path, unet_config or family.unet_config())
+        return "lora_unet_" + path.replace(".", "_")
+    if part not in family.part_names():
+        raise LoRAError(f"A {family.label} LoRA has no part {shown(part)!r}; its parts are "
+                        f"{', '.join(family.part_names())}.")
+    return family.kohya_prefix(part) + path.replace(".", "_")
+
+
+def kohya_state_dict(lora: LoraFile, family=None, unet_config=None) -> dict[str, torch.Tensor]:
+    """kohya keys and tensors of a plain LoRA, named for `family` (see `kohya_name`; default SD 1.x's names)."""
     out = {}
     for name, m in _plain(lora).items():
-        k = kohya_module_name(name)
+        k = kohya_name(name, family, unet_config)
         out[f"{k}.lora_down.weight"] = m.down.contiguous()
         out[f"{k}.lora_up.weight"] = m.up.contiguous()
         out[f"{k}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+        if m.dora_scale is not None:  # one magnitude per output channel: (out, 1), LyCORIS' wd_on_out layout
+            out[f"{k}.dora_scale"] = m.dora_scale.reshape(-1, 1).contiguous()
     return out
 
 
@@ -88,12 +111,23 @@ def diffusers_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
     for name, m in _plain(lora).items():
         out[f"{name}.lora_A.weight"] = m.down.contiguous()
         out[f"{name}.lora_B.weight"] = m.up.contiguous()
+        if m.dora_scale is not None:  # PEFT's DoRA magnitude: one entry per output channel
+            out[f"{name}.lora_magnitude_vector"] = m.dora_scale.reshape(-1).contiguous()
     return out
 
 
+def _writable(m) -> bool:
+    """Plain LoRA factors, with a DoRA magnitude per output channel or none (what PEFT's DoRA trains)."""
+    if m.is_plain_lora:
+        return True
+    out = m.up.shape[0] if isinstance(m, LoraModule) else None
+    return (isinstance(m, LoraModule) and m.mid is None and m.bias is None and m.dora_scale is not None
+            and m.dora_scale.numel() == out)
+
+
 def _plain(lora: LoraFile) -> dict[str, LoraModule]:
-    if not lora.all_plain:
-        kinds = sorted({m.label for m in lora.modules.values() if not m.is_plain_lora})
+    if not all(_writable(m) for m in lora.modules.values()):
+        kinds = sorted({m.label for m in lora.modules.values() if not _writable(m)})
         raise LoRAError(f"Only plain LoRA factors can be written in kohya or diffusers format; this LoRA holds "
                         f"{', '.join(kinds)} modules. `morphkit lora convert` turns them into the nearest LoRA.")
     return lora.modules
@@ -120,7 +154,7 @@ def peft_metadata(lora: LoraFile, part: str = "unet") -> dict:
         "init_lora_weights": True,
         "lora_dropout": 0.0,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": any(m.dora_scale is not None for m in modules.values()),
         "use_rslora": False,
     }
     return {f"{part}.{k}": v for k, v in config.items()}
@@ -133,6 +167,26 @@ def lora_from_peft(state_dict: dict[str, torch.Tensor], peft_config: dict) -> Lo
     metadata = {DIFFUSERS_METADATA_KEY: json.dumps(peft_config, default=str)}
     configs = {"unet": diffusers_config("the adapter", metadata, "unet")}
     groups = _group("the adapter", state_dict, "diffusers")
+    return LoraFile({n: build_update("the adapter", n, g, configs) for n, g in groups.items()})
+
+
+def lora_from_peft_parts(parts: dict[str, tuple[dict[str, torch.Tensor], dict]]) -> LoraFile:
+    """A `LoraFile` from the PEFT adapters of several model parts, for writing in any format (the trainer's way
+    to kohya SDXL files): `{"unet": (state dict, config), "text_encoder": (...), "text_encoder_2": (...)}`, each
+    state dict as `peft.utils.get_peft_model_state_dict(model, adapter_name=...)` gives it (keys with or without
+    the part prefix) and each config `model.peft_config[adapter_name].to_dict()` (rank, alpha and patterns).
+    Then `save_lora_file(path, lora, "kohya", family=SDXL, unet_config=pipe.unet.config)` or
+    `kohya_state_dict(lora, SDXL, unet.config)`."""
+    from .reading import _group, build_update, diffusers_config
+
+    tensors, header = {}, {}
+    for part, (state, config) in parts.items():
+        tensors.update({k if k.startswith(part + ".") else f"{part}.{k}": v.detach().float().cpu().contiguous()
+                        for k, v in state.items()})
+        header.update({f"{part}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
+    metadata = {DIFFUSERS_METADATA_KEY: json.dumps(header, default=str)}
+    configs = {part: diffusers_config("the adapter", metadata, part) for part in parts}
+    groups = _group("the adapter", tensors, "diffusers")
     return LoraFile({n: build_update("the adapter", n, g, configs) for n, g in groups.items()})
 
 
@@ -188,7 +242,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def kohya_header(lora: LoraFile, info: dict | None = None) -> dict[str, str]:
+def kohya_header(lora: LoraFile, info: dict | None = None, family=None, unet_config=None) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` header entries kohya's trainer writes and A1111/civitai show."""
     from .inspect import describe
 
@@ -198,6 +252,8 @@ def kohya_header(lora: LoraFile, info: dict | None = None) -> dict[str, str]:
     conv = [m for m in modules.values() if m.down.dim() == 4 and m.down.shape[2:] != (1, 1)]
     common = lambda values: Counter(values).most_common(1)[0][0]  # noqa: E731
     base = describe(lora)["base"]
+    if family is not None and base not in family.lora_bases:  # the layers do not tell (a tiny model's LoRA)
+        base = family.label
     header = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(common(m.rank for m in (linear or conv))),
@@ -216,7 +272,8 @@ def kohya_header(lora: LoraFile, info: dict | None = None) -> dict[str, str]:
     for field, values in (("rank_pattern", {n: m.rank for n, m in modules.items()}),
                           ("alpha_pattern", {n: m.alpha for n, m in modules.items()})):
         if len(set(values.values())) > 1:  # where they vary, per module (kohya names)
-            header[f"morphkit.{field}"] = json.dumps({kohya_module_name(n): v for n, v in sorted(values.items())})
+            header[f"morphkit.{field}"] = json.dumps({kohya_name(n, family, unet_config): v
+                                                      for n, v in sorted(values.items())})
     rename = {"base_model": "ss_sd_model_name", "steps": "ss_max_train_steps", "resolution": "ss_resolution",
               "seed": "ss_seed", "learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_scheduler",
               "name": "modelspec.title", "num_images": "ss_num_train_images", "noise_offset": "ss_noise_offset",
@@ -235,8 +292,12 @@ def kohya_header(lora: LoraFile, info: dict | None = None) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- files
 
 def save_lora_file(path: str | os.PathLike, lora: LoraFile, format: str = "kohya", info: dict | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, family=None, unet_config=None) -> Path:
     """Write `lora` (plain LoRA factors) atomically in `format`, with the header that format's users expect.
+
+    `family` (`morphkit.families`; by default the one the LoRA says it was made for, else SD 1.x) decides the
+    kohya names: SDXL's are LDM-layout UNet names (from `unet_config`, SDXL base's by default) and
+    `lora_te1_` / `lora_te2_`.
 
     `info` is morphkit's training record: stored under `morphkit.<key>` in both formats, and also as
     kohya's `ss_*` keys in a kohya file. The metadata the file was read with is kept (minus entries the
@@ -249,9 +310,12 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, format: str = "kohya
     header = {k: v for k, v in lora.metadata.items() if k != DIFFUSERS_METADATA_KEY and not k.startswith("ss_")}
     header.update(info_header(info))
     if format == "kohya":
+        from .inspect import family_of_lora
+
+        family = family or family_of_lora(lora)
         header.update({k: v for k, v in lora.metadata.items() if k.startswith("ss_")})
-        header.update(kohya_header(lora, info))
-        tensors = kohya_state_dict(lora)
+        header.update(kohya_header(lora, info, family, unet_config))
+        tensors = kohya_state_dict(lora, family, unet_config)
     else:
         config = {**peft_metadata(lora, "unet"), **peft_metadata(lora, "text_encoder"),
                   **peft_metadata(lora, "text_encoder_2")}
