@@ -1,8 +1,10 @@
-"""Training examples: one image with a prompt, or a folder with `metadata.jsonl`.
+"""Training examples: one image with a prompt, a folder with `metadata.jsonl`, or a folder of images with one
+instance prompt; and the class images of prior preservation.
 
 The folder format is the Hugging Face `imagefolder` one: one JSON object a line,
-`{"file_name": "cat.png", "text": "a photo of a cat"}`, where `text` may also be a list of
-captions (one is drawn per step). File names are relative to the folder.
+`{"file_name": "cat.png", "text": "a photo of a cat"}`, where `text` (or the column named by
+`caption_column`) may also be a list of captions (one is drawn per step). File names are relative to
+the folder. A row without that column takes the instance prompt, when one is given.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import ConfigError, InputError
-from .images import open_image
+from .images import IMAGE_SUFFIXES, list_images, natural_key, open_image
 from .io import sha256_file
 
 METADATA_FILE = "metadata.jsonl"
@@ -29,27 +31,57 @@ class Example:
     captions: list[str]
 
 
-def load_examples(source: str | os.PathLike, prompt: str | None = None) -> list[Example]:
-    """Read training examples from an image file (with `prompt`) or a folder with `metadata.jsonl`."""
+def load_examples(source: str | os.PathLike, prompt: str | None = None, caption_column: str = "text",
+                  instance_prompt: str | None = None) -> list[Example]:
+    """Read training examples: an image file (with `prompt`), a folder with `metadata.jsonl` (captions from
+    `caption_column`, else `instance_prompt`), or a folder of images that all take `instance_prompt`."""
     source = Path(source)
     if not source.exists():
         raise InputError(f"The training data {source} does not exist. Give an image file or a folder with {METADATA_FILE}.")
     if source.is_file():
+        prompt = prompt or instance_prompt
         if not prompt:
             raise ConfigError("Training on one image needs a prompt: pass --prompt (for example --prompt 'a photo of sks').")
         return [Example(source, open_image(source), [prompt])]
-    metadata = source / METADATA_FILE
-    if not metadata.is_file():
-        raise InputError(
-            f"The folder {source} has no {METADATA_FILE}. A training folder holds images and a {METADATA_FILE} "
-            'with one line per image: {"file_name": "cat.png", "text": "a photo of a cat"}.'
-        )
     if prompt:
-        raise ConfigError(f"--prompt is for a single image; the folder {source} has its captions in {METADATA_FILE}.")
-    return [Example(source / name, open_image(source / name), captions) for name, captions in _read_rows(metadata)]
+        raise ConfigError(f"--prompt is for a single image; for the folder {source} give --instance-prompt (one caption "
+                          f"for every image) or captions in its {METADATA_FILE}.")
+    metadata = source / METADATA_FILE
+    if metadata.is_file():
+        rows = _read_rows(metadata, caption_column, instance_prompt)
+        return [Example(source / name, open_image(source / name), captions) for name, captions in rows]
+    if not instance_prompt:
+        raise InputError(
+            f"The folder {source} has no {METADATA_FILE}, so its images have no captions. Give --instance-prompt (one "
+            f"caption for all of them, like 'a photo of TOK dog'), or write a {METADATA_FILE} with one line per image: "
+            '{"file_name": "cat.png", "text": "a photo of a cat"}.'
+        )
+    files = list_images(source)
+    if not files:
+        raise InputError(f"The folder {source} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return [Example(file, open_image(file), [instance_prompt]) for file in files]
 
 
-def _read_rows(metadata: Path) -> list[tuple[str, list[str]]]:
+def load_class_images(folder: str | os.PathLike) -> list[Path]:
+    """The class images of prior preservation in `folder` (created when missing): every file must be an image."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"The class folder {folder} (--class-data-dir) is a file; give a folder.")
+    if not folder.exists():
+        return []
+    files = []
+    for path in sorted(folder.iterdir(), key=natural_key):
+        if path.name.startswith("."):
+            continue  # hidden files, and morphkit's own temporaries
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"The class folder {folder} (--class-data-dir) holds {path.name!r}, which is not an image. "
+                             "It may hold only class images; move other files out, or choose another folder.")
+        open_image(path)  # a broken image is named now, not in the middle of training
+        files.append(path)
+    return files
+
+
+def _read_rows(metadata: Path, caption_column: str = "text", instance_prompt: str | None = None):
     rows = []
     try:
         lines = metadata.read_text(encoding="utf-8").splitlines()
@@ -66,10 +98,13 @@ def _read_rows(metadata: Path) -> list[tuple[str, list[str]]]:
                              '{"file_name": "cat.png", "text": "a photo of a cat"}.') from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
             raise InputError(f'{where} has no "file_name" string.')
-        text = row.get("text")
+        text = row.get(caption_column, instance_prompt)
         captions = [text] if isinstance(text, str) else text
+        if text is None:
+            raise InputError(f'{where} has no "{caption_column}" column (--caption-column). Give each line a caption '
+                             "there, name the column that holds them, or give --instance-prompt for lines without one.")
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-            raise InputError(f'{where}: "text" must be a non-empty caption or a non-empty list of captions.')
+            raise InputError(f'{where}: "{caption_column}" must be a non-empty caption or a non-empty list of captions.')
         file = metadata.parent / row["file_name"]
         if not inside(file, metadata.parent):
             raise InputError(f'{where} names {row["file_name"]}, which lies outside the dataset folder '

@@ -60,6 +60,11 @@ class Processes:
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
+    def wait(self) -> None:
+        """Wait until every process gets here (what the main process wrote is then there for all)."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
     def share(self, items: list) -> list:
         """This process's contiguous part of `items`: every item goes to exactly one process."""
         if self.state is None:

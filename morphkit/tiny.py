@@ -23,7 +23,7 @@ import torch
 from .io import cache_dir
 
 TINY_NAME = "tiny"
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"  # v2: no gap in the tokenizer's ids (same weights, same tokens)
 TINY_SEED = 0
 TINY_RESOLUTION = 64
 TINY_UNET_CHANNELS = (32, 64)  # its first width also tells a tiny single-file checkpoint from SD 1.5's 320
@@ -56,6 +56,11 @@ def _write_tokenizer(folder: Path):
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in _MERGES]
     tokens += ["</w>", "<|startoftext|>", "<|endoftext|>"]  # transformers' BPE wants the bare suffix too
+    # A merge that spells an existing token ("a </w>" is "a</w>") keeps its later id; its first place gets a
+    # placeholder, so that ids run 0..n-1 without a gap, as in CLIP's own vocabulary (tools that add tokens,
+    # such as diffusers' load_textual_inversion, count on len(tokenizer) being the next free id).
+    last = {t: i for i, t in enumerate(tokens)}
+    tokens = [t if last[t] == i else f"<|unused{i}|>" for i, t in enumerate(tokens)]
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_MERGES) + "\n", encoding="utf-8")

@@ -52,15 +52,15 @@ def test_a_full_disk_while_writing_says_so_and_leaves_nothing(tmp_path, monkeypa
 
 
 def test_a_full_disk_in_train_checkpoints_and_json(tmp_path, monkeypatch, tiny_pipe):
-    from morphkit import train
     from morphkit.io import write_json
-    from morphkit.lora import LoraShape, add_lora
+    from morphkit.train import TrainSettings, checkpoints
+    from morphkit.train.trainables import Trainables
 
-    monkeypatch.setattr(train, "save_file", no_room)
-    add_lora(tiny_pipe.unet, LoraShape(rank=2), "default")
-    optimizer = torch.optim.AdamW([p for p in tiny_pipe.unet.parameters() if p.requires_grad])
+    monkeypatch.setattr(checkpoints, "save_file", no_room)
+    trainables = Trainables.attach(tiny_pipe, TrainSettings(data="x", rank=2), steps=1)
+    optimizer = torch.optim.AdamW(trainables.tensors())
     with pytest.raises(DiskFullError, match="disk is full"):
-        train.save_checkpoint(tmp_path / "ck", 1, tiny_pipe.unet, "default", optimizer, None, "f", 2)
+        checkpoints.save_checkpoint(tmp_path / "ck", 1, trainables, optimizer, None, "f", 2)
     assert os.listdir(tmp_path / "ck") == []
     monkeypatch.setattr(Path, "write_text", no_room)
     with pytest.raises(DiskFullError, match="disk is full"):

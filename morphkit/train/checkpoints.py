@@ -1,4 +1,13 @@
-"""Training checkpoints: `checkpoints/step-NNNNNN/` with the LoRA, the optimizer's state and the run's state."""
+"""Training checkpoints: `checkpoints/step-NNNNNN/`, each enough to continue the run exactly.
+
+- `lora.safetensors`: everything trained (`Trainables.state`: the UNet's LoRA, the text encoders' LoRA or new
+  tokens);
+- `optimizer.safetensors`: the optimizer's tensors (AdamW's moments, Prodigy's as well);
+- `state.json`: the step, the optimizer's other state and groups (Prodigy's step size estimate lives there),
+  the gradient scaler, the settings that fix the run's trajectory, and the time spent so far.
+
+A checkpoint is written into a temporary folder and renamed, so a killed run never leaves half of one.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +21,26 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, NumericalError
 from ..io import make_staging_dir, no_room_error
-from ..lora import lora_state_dict
 
 
-def save_checkpoint(folder: Path, step: int, unet, adapter_name: str, optimizer, scaler, fingerprint: str, keep: int):
-    """Write `folder/step-NNNNNN/` atomically (a temp folder renamed), then drop all but the newest `keep`."""
+def save_checkpoint(folder: Path, step: int, trainables, optimizer, scaler, fingerprint: str, keep: int,
+                    run: dict | None = None) -> Path:
+    """Write `folder/step-NNNNNN/` atomically (a temp folder renamed), then drop all but the newest `keep`.
+
+    `run` is what else the run records: the settings that fix its trajectory, and its elapsed time."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
-    lora = lora_state_dict(unet, adapter_name)
-    if not all(bool(torch.isfinite(t).all()) for t in lora.values()):
+    trained = trainables.state()
+    if not all(bool(torch.isfinite(t).all()) for t in trained.values()):
         raise NumericalError(f"The fit diverged: at step {step} the LoRA holds NaN or infinite values, so no checkpoint "
                              "was written. Lower --lr (or --max-grad-norm), or train in fp32 (--mixed-precision no).")
     staging = make_staging_dir(target)
     try:
-        save_file(lora, str(staging / "lora.safetensors"))
-        opt = optimizer.state_dict()
-        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
+        save_file(trained, str(staging / "lora.safetensors"))
+        tensors, other = split_optimizer_state(optimizer.state_dict())
         save_file(tensors, str(staging / "optimizer.safetensors"))
-        state = {"step": step, "fingerprint": fingerprint, "param_groups": opt["param_groups"],
-                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+        state = {"step": step, "fingerprint": fingerprint, "optimizer": other,
+                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None, **(run or {})}
         (staging / "state.json").write_text(json.dumps(state, default=str))
         if target.exists():
             shutil.rmtree(target)
@@ -44,6 +54,30 @@ def save_checkpoint(folder: Path, step: int, unet, adapter_name: str, optimizer,
     return target
 
 
+def split_optimizer_state(opt: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's `state_dict` as tensors (`<param index>.<name>`) and the JSON-able rest."""
+    tensors, plain = {}, {}
+    for index, entries in opt["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[f"{index}.{name}"] = value
+    return tensors, {"state": plain, "param_groups": opt["param_groups"]}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], other: dict, device) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *other["state"].items()]:
+        index, name = key.split(".", 1)
+        is_step = name == "step"  # AdamW keeps its step count on the CPU
+        state.setdefault(int(index), {})[name] = value.to(device) if isinstance(value, torch.Tensor) and not is_step else value
+    groups = other["param_groups"]
+    for group in groups:
+        group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in `folder`, oldest first."""
     if not folder.is_dir():
@@ -51,28 +85,26 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
 
 
-def load_checkpoint(path: Path, unet, adapter_name: str, optimizer, scaler, fingerprint: str) -> int:
-    """Restore LoRA weights, optimizer and scaler from a checkpoint; return its step."""
-    from peft.utils import set_peft_model_state_dict
+def read_state(path: Path) -> dict:
+    return json.loads((path / "state.json").read_text())
 
-    state = json.loads((path / "state.json").read_text())
+
+def load_checkpoint(path: Path, trainables, optimizer, scaler, fingerprint: str) -> dict:
+    """Restore what trains, the optimizer and the scaler from a checkpoint; return its state (step, elapsed …)."""
+    state = read_state(path)
     if state["fingerprint"] != fingerprint:
-        raise ConfigError(
-            f"The checkpoint {path} was made with other settings or other data than this run. Resume with the "
-            "same settings (only steps/epochs may change), or pass --overwrite to start afresh."
-        )
-    lora = {k[len("unet."):]: v for k, v in load_file(str(path / "lora.safetensors")).items()}
-    set_peft_model_state_dict(unet, lora, adapter_name=adapter_name)
-    device = next(unet.parameters()).device
-    flat = load_file(str(path / "optimizer.safetensors"))
-    opt_state: dict[int, dict] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        opt_state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    groups = state["param_groups"]
-    for group in groups:
-        group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        raise ConfigError(f"The checkpoint {path} was made with other settings or other data than this run. Resume "
+                          "with the same settings (only steps/epochs may change), or pass --overwrite to start afresh.")
+    trainables.load_state(load_file(str(path / "lora.safetensors")))
+    device = trainables.unet[0].device
+    optimizer.load_state_dict(join_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"],
+                                                   device))
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+    return state
+
+
+def changed_settings(state: dict, trajectory: dict) -> list[str]:
+    """The settings (and data) in which this run differs from the checkpoint's, by name."""
+    before = state.get("trajectory") or {}
+    return sorted(k for k in set(before) | set(trajectory) if before.get(k) != trajectory.get(k))

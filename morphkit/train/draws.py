@@ -29,27 +29,34 @@ def rng(seed: int, stream: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def batch_indices(micro_step: int, n: int, batch_size: int, seed: int) -> list[int]:
+def batch_indices(micro_step: int, n: int, batch_size: int, seed: int, stream: str = "epoch") -> list[int]:
     """Which examples micro-batch `micro_step` holds: each epoch is a fresh permutation."""
     per_epoch = math.ceil(n / batch_size)
     epoch, within = divmod(micro_step, per_epoch)
-    order = torch.randperm(n, generator=rng(seed, "epoch", epoch)).tolist()
+    order = torch.randperm(n, generator=rng(seed, stream, epoch)).tolist()
     picked = order[within * batch_size:(within + 1) * batch_size]
     return picked + order[: batch_size - len(picked)]  # a short last batch wraps around
 
 
 def draw_batch(encoded: list[EncodedExample], micro_step: int, settings: TrainSettings, latent_size: int,
-               global_batch: int | None = None):
-    """The latents and embeddings of micro-batch `micro_step`: flips, crops and captions drawn by seed.
+               global_batch: int | None = None, stream: str = "batch", repeats: int | None = None):
+    """The latents, embeddings and captions of micro-batch `micro_step`: flips, crops, captions and caption
+    dropout drawn by seed. Returns (latents, embeddings or None when they are not cached, captions).
 
     `global_batch` (default `settings.batch_size`) is the batch of every process together: processes that
     train data-parallel each draw the whole of it and keep their own rows, so that together they see the
-    batch that one process with that batch size would see.
+    batch that one process with that batch size would see. With `repeats` (default `settings.repeats`) an
+    epoch holds every example that many times. `stream` names an independent stream of draws (class images
+    draw their own).
     """
-    gen = rng(settings.seed, "batch", micro_step)
-    latents, embeds = [], []
-    for index in batch_indices(micro_step, len(encoded), global_batch or settings.batch_size, settings.seed):
-        ex = encoded[index]
+    gen = rng(settings.seed, stream, micro_step)
+    repeats = settings.repeats if repeats is None else repeats
+    dropout = settings.caption_dropout_rate if stream == "batch" else 0.0
+    order_stream = "epoch" if stream == "batch" else stream + "-epoch"
+    latents, embeds, captions = [], [], []
+    for index in batch_indices(micro_step, len(encoded) * repeats, global_batch or settings.batch_size, settings.seed,
+                               order_stream):
+        ex = encoded[index % len(encoded)]
         variant = int(torch.randint(len(ex.latents), (1,), generator=gen))
         z = ex.latents[variant]
         if settings.crop == "random":
@@ -57,8 +64,12 @@ def draw_batch(encoded: list[EncodedExample], micro_step: int, settings: TrainSe
             left = int(torch.randint(z.shape[2] - latent_size + 1, (1,), generator=gen))
             z = z[:, top:top + latent_size, left:left + latent_size]
         latents.append(z)
-        embeds.append(ex.embeddings[int(torch.randint(len(ex.embeddings), (1,), generator=gen))])
-    return torch.stack(latents), torch.stack(embeds)
+        pick = int(torch.randint(max(len(ex.embeddings), len(ex.captions)), (1,), generator=gen))
+        dropped = bool(dropout) and float(torch.rand(1, generator=gen)) < dropout
+        captions.append("" if dropped else (ex.captions[pick] if ex.captions else None))
+        if ex.embeddings:
+            embeds.append(ex.empty if dropped else ex.embeddings[pick])
+    return torch.stack(latents), (torch.stack(embeds) if len(embeds) == len(latents) else None), captions
 
 
 def draw_noise(latents: torch.Tensor, gen: torch.Generator, settings: TrainSettings, num_train_timesteps: int):
@@ -76,6 +87,6 @@ def total_steps(settings: TrainSettings, n_examples: int, processes: int = 1) ->
     if settings.steps is not None:
         return settings.steps
     if settings.epochs is not None:
-        micro_per_epoch = math.ceil(n_examples / (settings.batch_size * processes))
+        micro_per_epoch = math.ceil(n_examples * settings.repeats / (settings.batch_size * processes))
         return math.ceil(settings.epochs * micro_per_epoch / settings.gradient_accumulation_steps)
     return DEFAULT_STEPS

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,18 +14,28 @@ from ..models import encode_image, encode_prompt
 @dataclass
 class EncodedExample:
     latents: list[torch.Tensor]  # [plain] or [plain, flipped], each (4, h, w)
-    embeddings: list[torch.Tensor]  # one (77, dim) per caption
+    embeddings: list[torch.Tensor]  # one (77, dim) per caption; empty when the text encoder trains (encoded per step)
+    captions: list[str] = field(default_factory=list)
+    empty: torch.Tensor | None = None  # the embedding of "" (a dropped caption), when captions may be dropped
 
 
 @torch.no_grad()
-def encode_examples(pipe, examples: list[Example], resolution: int, crop: str, random_flip: bool) -> list[EncodedExample]:
+def encode_examples(pipe, examples: list[Example], resolution: int, crop: str, random_flip: bool,
+                    embed: bool = True, dropout: bool = False) -> list[EncodedExample]:
     """VAE latents and text embeddings of every example, computed once, fp32, on the pipeline's device.
 
     With crop 'center' the image is cropped square before encoding; with 'random' the latent of the
     whole (policy-sized) image is kept and a square window is cut from it at each step; with 'none'
-    the whole image is used.
+    the whole image is used. With `embed` False the captions are kept as text only (a text encoder that
+    trains encodes them at every step); with `dropout` the embedding of "" is kept too.
     """
     prompt_cache: dict[str, torch.Tensor] = {}
+
+    def embedding(caption: str) -> torch.Tensor:
+        if caption not in prompt_cache:
+            prompt_cache[caption] = encode_prompt(pipe, caption)[0]
+        return prompt_cache[caption]
+
     encoded = []
     for ex in examples:
         img = resize_to_policy(ex.image, resolution)
@@ -33,8 +43,7 @@ def encode_examples(pipe, examples: list[Example], resolution: int, crop: str, r
             img = center_crop(img, (resolution, resolution))
         variants = [img, img.transpose(0)] if random_flip else [img]  # 0 = FLIP_LEFT_RIGHT
         latents = [encode_image(pipe, v)[0] for v in variants]
-        for caption in ex.captions:
-            if caption not in prompt_cache:
-                prompt_cache[caption] = encode_prompt(pipe, caption)[0]
-        encoded.append(EncodedExample(latents, [prompt_cache[c] for c in ex.captions]))
+        embeddings = [embedding(c) for c in ex.captions] if embed else []
+        empty = embedding("") if embed and dropout else None
+        encoded.append(EncodedExample(latents, embeddings, list(ex.captions), empty))
     return encoded

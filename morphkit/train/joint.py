@@ -81,10 +81,10 @@ def fit_loras(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 draws = [draw_batch(examples[name], step, settings, latent_size) for name in names]
-                latents = torch.cat([z for z, _ in draws])
-                embeds = torch.cat([e for _, e in draws])
+                latents = torch.cat([z for z, _, _ in draws])
+                embeds = torch.cat([e for _, e, _ in draws])
                 noise, timesteps = zip(*(draw_noise(z, rng(settings.seed, "noise", step), settings,
-                                                    scheduler.config.num_train_timesteps) for z, _ in draws))
+                                                    scheduler.config.num_train_timesteps) for z, _, _ in draws))
                 per_sample = diffusion_loss(unet, scheduler, latents, embeds, torch.cat(noise), torch.cat(timesteps),
                                             settings, autocast, per_sample=True)
                 loss = per_sample.sum()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 
 from ..errors import ConfigError
@@ -18,16 +21,35 @@ def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
 
 
-def make_optimizer(params, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the LoRA tensors; fused (one kernel for all of them) on CUDA and CPU."""
-    return torch.optim.AdamW(
-        params,
-        lr=settings.learning_rate,
-        betas=(settings.adam_beta1, settings.adam_beta2),
-        weight_decay=settings.adam_weight_decay,
-        eps=settings.adam_epsilon,
-        fused=device.type in ("cuda", "cpu"),
-    )
+def make_optimizer(params, settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer over `params` (tensors, or groups with their own `lr` and `weight_decay`).
+
+    AdamW (fused: one kernel for all tensors, on CUDA and CPU), or Prodigy (the `prodigyopt` package) with the
+    settings of the diffusers DreamBooth LoRA post: decoupled weight decay, bias correction and safeguarded
+    warm-up on, and its learning rate (1.0 by default) a scale on the step size it estimates.
+    """
+    betas = (settings.adam_beta1, settings.adam_beta2)
+    if settings.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("--optimizer prodigy needs the prodigyopt package, which is not installed: "
+                              "pip install prodigyopt (or pip install 'morphkit[prodigy]'), or use --optimizer adamw."
+                              ) from None
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+            return Prodigy(params, lr=settings.learning_rate, betas=betas, beta3=settings.prodigy_beta3,
+                           weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon,
+                           decouple=settings.prodigy_decouple, use_bias_correction=settings.prodigy_use_bias_correction,
+                           safeguard_warmup=settings.prodigy_safeguard_warmup, d0=settings.prodigy_d0)
+    return torch.optim.AdamW(params, lr=settings.learning_rate, betas=betas, weight_decay=settings.adam_weight_decay,
+                             eps=settings.adam_epsilon, fused=device.type in ("cuda", "cpu"))
+
+
+def set_learning_rates(optimizer, factor: float) -> None:
+    """Every group's rate is its base rate (`base_lr`, else the first it had) times the schedule's `factor`."""
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
+        group["lr"] = group["base_lr"] * factor
 
 
 def mixed_precision(unet):

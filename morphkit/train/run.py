@@ -1,4 +1,13 @@
-"""`train_lora`, what `morphkit train` runs: settings, files, checkpoints, resume, and the processes."""
+"""`train_lora`, what `morphkit train` runs: settings, data, files, checkpoints, resume, and the processes.
+
+A run reads top to bottom:
+1. settings, data and the files it will write, all checked before the model loads;
+2. the processes (data-parallel under accelerate) and the model;
+3. class images for prior preservation (generated where missing, by the main process);
+4. the examples encoded once (latents; embeddings too unless the text encoder trains);
+5. the fit (`loop.fit_lora`), with logs, validation images and checkpoints;
+6. the files: the LoRA (UNet, and text-encoder parts when trained), the new tokens' embedding file.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +16,31 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..data import data_hash, load_examples
+from ..data import data_hash, load_class_images, load_examples
+from ..embeddings import save_embedding
 from ..errors import ConfigError, InputError, OutputExistsError
 from ..images import fit_size
-from ..io import atomic_write, check_room, check_writable, sweep_stale, write_json
-from ..lora import adapter_metadata, check_targets, lora_state_dict, save_lora
+from ..io import check_room, check_writable, sweep_stale, write_json
+from ..lora import check_targets, save_lora
 from ..lora_files import DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, tag_frequency
 from ..models import load_pipeline, resolve_device
 from ..processes import Processes
-from .checkpoints import list_checkpoints
+from .checkpoints import list_checkpoints, read_state
 from .encoding import encode_examples
-from .loop import fit_lora
+from .logs import TrainLog, check_tensorboard, trim_log
+from .loop import Extras, fit_lora
 from .optim import _precision
 from .parallel import Share
+from .prior import class_examples, class_images
 from .settings import TrainResult, TrainSettings
+from .text import check_abstraction, new_token_names, with_tokens
+from .trainables import Trainables
+
+PRIVATE_SETTINGS = ("prompt", "instance_prompt", "class_prompt", "validation_prompt")
 
 
 def lora_files(out: Path, name: str, lora_format: str) -> dict[Path, str]:
@@ -66,12 +83,52 @@ def lora_header(s: TrainSettings, name: str, steps: int, examples, digest: str, 
         "version": __version__, "base_model": s.model, "rank": s.rank, "alpha": s.shape.effective_alpha,
         "targets": ",".join(s.targets), "steps": steps, "resolution": s.resolution, "seed": s.seed,
         "data_hash": digest,
-        "settings": json.dumps({k: v for k, v in dataclasses.asdict(s).items() if metadata_prompt or k != "prompt"},
-                               sort_keys=True),
+        "settings": json.dumps({k: v for k, v in dataclasses.asdict(s).items()
+                                if metadata_prompt or k not in PRIVATE_SETTINGS}, sort_keys=True),
         "tag_frequency": tag_frequency([ex.captions for ex in examples], s.data) if metadata_prompt else None,
         "name": name, "num_images": len(examples), "learning_rate": s.learning_rate,
         "lr_scheduler": s.lr_scheduler, "noise_offset": s.noise_offset,
     }
+
+
+@dataclass
+class Plan:
+    """A run's settings, data and files, checked before the model loads (step 1 of `train_lora`)."""
+
+    settings: TrainSettings
+    examples: list
+    name: str
+    out: Path
+    files: dict[Path, str]
+    found: list[Path]  # the checkpoints already there, oldest first
+    requested: TrainSettings | None = None  # the settings as given, before the model filled in its sizes: what
+    # checkpoints record (so a resume is checked before the model loads)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def plan_run(s: TrainSettings, lora_format: str, overwrite: bool, resume: bool) -> Plan:
+    examples = load_examples(s.data, s.prompt, s.caption_column, s.instance_prompt)
+    check_abstraction([c for ex in examples for c in ex.captions], s)
+    for ex in examples:
+        ex.captions = [with_tokens(c, s) for c in ex.captions]
+    name = s.name or Path(s.data).stem or "lora"
+    out = Path(s.output_dir or Path("outputs") / "lora" / name)
+    files = lora_files(out, name, lora_format)
+    found = check_train_outputs(s, out, files, overwrite, resume)
+    check_tensorboard(s.report_to)
+    if s.with_prior_preservation:
+        load_class_images(s.class_data_dir)  # a folder holding other files is refused now, not after loading
+    return Plan(s, examples, name, out, files, found, requested=s)
+
+
+def data_digest(plan: Plan, class_paths: list[Path]) -> str:
+    digest = data_hash(plan.examples)
+    if class_paths:
+        digest = data_hash([*plan.examples, *class_examples(class_paths, plan.settings)])
+    return digest
 
 
 def train_lora(
@@ -92,15 +149,16 @@ def train_lora(
     progress: bool = True,
     **settings,
 ) -> TrainResult:
-    """Fit a LoRA to one image (with `prompt`) or to a folder with `metadata.jsonl`, and save it.
+    """Fit a LoRA to one image (with `prompt`), a folder with `metadata.jsonl`, or a folder of images with
+    `instance_prompt`, and save it.
 
     Settings are the fields of `TrainSettings`, taken from `config` (JSON or TOML) and then from
-    the keyword arguments. Writes into `output_dir` (default `outputs/lora/<name>`):
-    `<name>.safetensors`, `train_log.jsonl`, `train_settings.json` and `checkpoints/step-N/`.
-    `lora_format` is `kohya` (the default: loads in A1111, ComfyUI, diffusers and morphkit), `diffusers`,
-    or `both` (`<name>.safetensors` in kohya format and `<name>.diffusers.safetensors`). The file's header
-    records the captions' tags (`ss_tag_frequency`) and the prompt unless `metadata_prompt` is False.
-    Pass a loaded `pipe` to reuse it; the trained adapter is then left active in `pipe.unet`.
+    the keyword arguments. Writes into `output_dir` (default `outputs/lora/<name>`): `<name>.safetensors`,
+    `train_log.jsonl`, `train_settings.json`, `checkpoints/step-N/`, and as asked `<name>_emb.safetensors`
+    (pivotal tuning), `validation/` and `logs/` (TensorBoard). `lora_format` is `kohya` (the default: loads in
+    A1111, ComfyUI, diffusers and morphkit), `diffusers`, or `both`. The header records the captions' tags
+    (`ss_tag_frequency`) and the prompts unless `metadata_prompt` is False. Pass a loaded `pipe` to reuse it;
+    the trained adapter is then left active in it (and new tokens in its tokenizer).
 
     Under `accelerate launch` (or torchrun) the processes train data-parallel: `batch_size` is each
     process's, gradients are averaged, and only the main process writes files.
@@ -108,61 +166,119 @@ def train_lora(
     # 1. Settings, data and the files this run will write, all checked before the model loads
     s = TrainSettings.resolve(config, data=None if data is None else str(data), prompt=prompt, model=model,
                               output_dir=None if output_dir is None else str(output_dir), name=name, **settings)
-    examples = load_examples(s.data, s.prompt)
-    name = s.name or Path(s.data).stem or "lora"
-    out = Path(s.output_dir or Path("outputs") / "lora" / name)
-    files = lora_files(out, name, lora_format)
-    checkpoints, log_path = out / "checkpoints", out / "train_log.jsonl"
-    found = check_train_outputs(s, out, files, overwrite, resume)
-    digest = data_hash(examples)
-    fingerprint = s.trajectory_hash(digest)
-    if resume and found and json.loads((found[-1] / "state.json").read_text())["fingerprint"] != fingerprint:
-        raise ConfigError(f"The checkpoints in {checkpoints} were made with other settings or other data than this "
-                          "run. Resume with the same settings (only steps/epochs may change), or drop --resume and "
-                          "pass --overwrite to start afresh.")
+    plan = plan_run(s, lora_format, overwrite, resume)
+    if resume and plan.found:
+        check_resumable(plan, data_digest(plan, load_class_images(s.class_data_dir) if s.with_prior_preservation else []))
 
     with Processes() as procs:
         share = Share(procs.rank, procs.count)
-        # 2. The model, and the examples encoded once
+        # 2. The model
         if pipe is None:
             dev = resolve_device(procs.device or device)
             pipe = load_pipeline(s.model, device=dev, dtype=_precision(s, dev), allow_pickle=allow_pickle)
-        s = settle(s, pipe, examples)
-        encoded = encode_examples(pipe, examples, s.resolution, s.crop, s.random_flip)
+        s = plan.settings = settle(s, pipe, plan.examples)
 
-        # 3. The run's folder (main process only), then the fit
-        start = json.loads((found[-1] / "state.json").read_text())["step"] if resume and found else 0
+        # 3. Class images (prior preservation), generated by the main process where missing
+        class_paths = []
+        if s.with_prior_preservation:
+            if share.is_main:
+                class_images(pipe, s, progress)
+            procs.wait()
+            class_paths = load_class_images(s.class_data_dir)[: s.num_class_images]
+
+        # 4. The examples, encoded once
+        text_trains = s.train_text_encoder or s.train_text_encoder_ti
+        encode = dict(embed=not text_trains, dropout=s.caption_dropout_rate > 0)
+        encoded = encode_examples(pipe, plan.examples, s.resolution, s.crop, s.random_flip, **encode)
+        classes = encode_examples(pipe, class_examples(class_paths, s), s.resolution, "center", False, embed=not text_trains)
+
+        # 5. The fit
+        digest = data_digest(plan, class_paths)
+        result = fit_in_folder(pipe, plan, encoded, classes, digest, share, overwrite, resume, progress)
+
+        # 6. The files, written by the main process
         if share.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if overwrite and not resume:
-                shutil.rmtree(checkpoints, ignore_errors=True)
-            _trim_log(log_path, start)
-            write_json(out / "train_settings.json",
-                       {**dataclasses.asdict(s), "data_hash": digest, "processes": share.count,
-                        "morphkit_version": __version__})
-        with open(log_path if share.is_main else os.devnull, "a", encoding="utf-8") as log_file:
-            def log(row):
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
-
-            result = fit_lora(pipe, encoded, s, checkpoint_dir=checkpoints, resume=resume, fingerprint=fingerprint,
-                              log=log, progress=progress, share=share)
-
-        # 4. The LoRA file(s), written by the main process
-        if share.is_main:
-            info = lora_header(s, name, result.steps, examples, digest, metadata_prompt)
-            state, peft_config = lora_state_dict(pipe.unet), adapter_metadata(pipe.unet)
-            for path, fmt in files.items():
-                save_lora(path, state, peft_config, info, overwrite=True, format=fmt)
-    result.lora_path, result.lora_paths, result.output_dir = next(iter(files)), list(files), out
+            write_results(pipe, plan, result, digest, metadata_prompt)
+        result.trainables.settle()
+    result.lora_path, result.lora_paths, result.output_dir = next(iter(plan.files)), list(plan.files), plan.out
     result.processes, result.rank = share.count, share.rank
     return result
+
+
+def check_resumable(plan: Plan, digest: str) -> None:
+    state = read_state(plan.found[-1])
+    if state["fingerprint"] != plan.settings.trajectory_hash(digest):
+        from .checkpoints import changed_settings
+
+        changed = changed_settings(state, plan.settings.trajectory(digest))
+        named = f" (changed: {', '.join(changed)})" if changed and state.get("trajectory") else ""
+        raise ConfigError(f"The checkpoints in {plan.checkpoints} were made with other settings or other data than this "
+                          f"run{named}. Resume with the same settings (only steps/epochs may change), or drop --resume "
+                          "and pass --overwrite to start afresh.")
+
+
+def fit_in_folder(pipe, plan: Plan, encoded, classes, digest: str, share: Share, overwrite: bool, resume: bool,
+                  progress: bool) -> TrainResult:
+    """The fit, with the output folder's log, settings record, validation images and checkpoints."""
+    s, out = plan.settings, plan.out
+    start = read_state(plan.found[-1])["step"] if resume and plan.found else 0
+    log = None
+    if share.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:
+            shutil.rmtree(plan.checkpoints, ignore_errors=True)
+        trim_log(out / "train_log.jsonl", start)
+        write_json(out / "train_settings.json", {**dataclasses.asdict(s), "data_hash": digest, "processes": share.count,
+                                                 "morphkit_version": __version__})
+        log = TrainLog(out, s.report_to)
+    extras = Extras(class_examples=classes, log=log, trajectory=plan.requested.trajectory(digest),
+                    validation_dir=out / "validation" if s.validation_prompt else None)
+    try:
+        return fit_lora(pipe, encoded, s, checkpoint_dir=plan.checkpoints, resume=resume,
+                        fingerprint=plan.requested.trajectory_hash(digest), progress=progress, share=share,
+                        extras=extras)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def write_results(pipe, plan: Plan, result: TrainResult, digest: str, metadata_prompt: bool) -> None:
+    """The LoRA file(s) and, after pivotal tuning, the embedding file `<name>_emb.safetensors`."""
+    s, trainables = plan.settings, result.trainables
+    info = lora_header(s, plan.name, result.steps, plan.examples, digest, metadata_prompt)
+    state, peft_config = trained_lora(trainables)
+    for path, fmt in plan.files.items():
+        save_lora(path, state, peft_config, info, overwrite=True, format=fmt)
+    if trainables.tokens:
+        vectors = {part.embedding_key: trainables.tokens[part.name].vectors.detach().float().cpu()
+                   for part in trainables.parts}
+        result.embedding_path = save_embedding(plan.out / f"{plan.name}_emb.safetensors", vectors, new_token_names(s),
+                                               s.token_abstraction, overwrite=True)
+    if s.validation_prompt:
+        grid = plan.out / "validation" / "grid.png"
+        result.validation_grid = grid if grid.exists() else None
+
+
+def trained_lora(trainables: Trainables) -> tuple[dict, dict]:
+    """The trained LoRA tensors with diffusers' part prefixes (`unet.`, `text_encoder.`, …) and their PEFT configs."""
+    from peft.utils import get_peft_model_state_dict
+
+    state, config = {}, {}
+    models = [("unet", trainables.unet_model)] + [(p.name, p.encoder) for p in trainables.parts
+                                                   if p.name in trainables.text_lora]
+    for part, model in models:
+        tensors = get_peft_model_state_dict(model, adapter_name=trainables.adapter_name)
+        state.update({f"{part}.{k}": v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+        peft = model.peft_config[trainables.adapter_name].to_dict()
+        config.update({f"{part}.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft.items()})
+    return state, config
 
 
 def settle(s: TrainSettings, pipe, examples) -> TrainSettings:
     """The settings with what depends on the model filled in (resolution, crop), checked against it."""
     resolution = s.resolution or 8 * pipe.unet.config.sample_size
-    s = dataclasses.replace(s, resolution=resolution, crop=s.crop or ("none" if len(examples) == 1 else "center"))
+    whole = len(examples) == 1 and not s.with_prior_preservation  # one image alone keeps its shape by default
+    s = dataclasses.replace(s, resolution=resolution, crop=s.crop or ("none" if whole else "center"))
     if s.crop == "random":
         for ex in examples:
             _, final = fit_size(ex.image.width, ex.image.height, resolution)
@@ -172,17 +288,3 @@ def settle(s: TrainSettings, pipe, examples) -> TrainSettings:
     if "default" in getattr(pipe.unet, "peft_config", {}):  # a reused pipeline: this run's adapter replaces it
         pipe.unet.delete_adapters("default")
     return s
-
-
-def _trim_log(path: Path, last_step: int):
-    """Keep the log rows up to `last_step` (the checkpoint resumed from); start empty otherwise."""
-    rows = []
-    if last_step and path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    rows.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-    with atomic_write(path) as tmp:
-        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
