@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.common import DTYPE_HELP, MODEL_HELP, VAE_HELP, call, fail
+from cli.common import DTYPE_HELP, MODEL_HELP, VAE_HELP, call
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -44,91 +43,6 @@ def main_options(
     Try it offline on the built-in tiny model:
     morphkit morph dataset/photos/astronaut.jpg dataset/photos/chelsea.jpg --model tiny
     """
-
-
-@app.command()
-def train(
-    data: Optional[Path] = typer.Argument(None, help="An image (with --prompt) or a folder with metadata.jsonl. May come from --config instead."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Caption for a single training image, e.g. 'a photo of sks'."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or TOML file with any of these settings (keys as the option names, '_' or '-'); flags override it."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " [default: stable-diffusion-v1-5/stable-diffusion-v1-5]"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Folder for the LoRA, its log and checkpoints. [default: outputs/lora/NAME]"),
-    name: Optional[str] = typer.Option(None, "--name", help="File name of the LoRA (without .safetensors). [default: the image or folder name]"),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank. [default: 16]"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha; the update is scaled by alpha/rank. [default: rank]"),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated UNet module names to adapt. [default: to_q,to_k,to_v,to_out.0]"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps. [default: 200, unless --epochs]"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data, instead of --steps."),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Learning rate. [default: 2e-4]"),
-    lr_scheduler: Optional[str] = typer.Option(None, "--lr-scheduler", help="constant, cosine or linear. [default: constant]"),
-    lr_warmup_steps: Optional[int] = typer.Option(None, "--lr-warmup-steps", help="Steps of linear warm-up. [default: 0]"),
-    adam_beta1: Optional[float] = typer.Option(None, "--adam-beta1", help="AdamW beta1. [default: 0.9]"),
-    adam_beta2: Optional[float] = typer.Option(None, "--adam-beta2", help="AdamW beta2. [default: 0.999]"),
-    adam_weight_decay: Optional[float] = typer.Option(None, "--adam-weight-decay", help="AdamW weight decay. [default: 0.01]"),
-    adam_epsilon: Optional[float] = typer.Option(None, "--adam-epsilon", help="AdamW epsilon. [default: 1e-8]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch. [default: 1]"),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps", help="Micro-batches per optimizer step. [default: 1]"),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm. [default: 1.0]"),
-    noise_offset: Optional[float] = typer.Option(None, "--noise-offset", help="Noise offset (0.1 helps very dark/bright styles). [default: 0]"),
-    snr_gamma: Optional[float] = typer.Option(None, "--snr-gamma", help="Min-SNR loss weighting gamma (5.0 is usual). [default: off]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for LoRA init, data order, noise and timesteps. [default: 0]"),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Shorter image side in pixels, a multiple of 8. [default: the model's, 512 for SD 1.5, 64 for tiny]"),
-    crop: Optional[str] = typer.Option(None, "--crop", help="center or random (square crops), or none (whole image, aspect kept). [default: none for one image, center for a folder]"),
-    random_flip: Optional[bool] = typer.Option(None, "--random-flip/--no-random-flip", help="Flip images left-right at random. [default: off]"),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto, no, fp16 or bf16. Base weights in that precision, LoRA weights fp32. [default: auto: bf16 on CUDA GPUs that support it, else fp16; no (fp32) on CPU and MPS]"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory. [default: off]"),
-    checkpointing_steps: Optional[int] = typer.Option(None, "--checkpointing-steps", help="Save a resumable checkpoint every N steps (0: none). [default: 100]"),
-    checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help="Keep at most K checkpoints. [default: 2]"),
-    lora_format: str = typer.Option("kohya", "--format", help="File format of the LoRA: kohya (lora_unet_... keys; loads in A1111, ComfyUI, diffusers and morphkit), diffusers (PEFT keys, as diffusers' own scripts write), or both (NAME.safetensors in kohya format and NAME.diffusers.safetensors)."),
-    metadata_prompt: bool = typer.Option(True, "--metadata-prompt/--no-metadata-prompt", help="Record the prompt and the captions' tags (ss_tag_frequency, which A1111 shows as trigger words) in the LoRA's header; --no-metadata-prompt keeps them out, for private data. [default: recorded]"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output folder."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing LoRA and start afresh (with --resume: continue, then replace)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto; under accelerate, each process's own device]"),
-    processes: Optional[int] = typer.Option(None, "--processes", help="Train data-parallel on N processes through accelerate launch (one per GPU; on a machine without one, CPU processes). --batch-size is per process. Same as: accelerate launch --multi_gpu --num_processes N -m morphkit train ..."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow a pickled .ckpt/.pt/.bin model (loaded with weights_only=True). Only for files you trust."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-):
-    """Fit a LoRA to one image (overfitting is the point) or to a captioned folder (a style).
-
-    Writes NAME.safetensors (kohya format unless --format; loads in A1111, ComfyUI, diffusers), train_log.jsonl,
-    train_settings.json and checkpoints/ into the output folder. Under accelerate launch (or with --processes)
-    the processes train data-parallel, and the main process writes the files.
-    """
-    from morphkit.processes import launch, launched_processes
-
-    if processes is not None and processes > 1 and launched_processes() == 1:
-        from cli.common import without_processes
-
-        raise typer.Exit(call(launch, processes, without_processes(sys.argv[1:])))
-    import morphkit
-
-    settings = dict(
-        rank=rank, alpha=alpha, targets=targets, steps=steps, epochs=epochs, learning_rate=learning_rate,
-        lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
-        adam_weight_decay=adam_weight_decay, adam_epsilon=adam_epsilon, batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
-        noise_offset=noise_offset, snr_gamma=snr_gamma, seed=seed, resolution=resolution, crop=crop,
-        random_flip=random_flip, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
-    )
-    start = time.perf_counter()
-    from cli.common import lora_warnings
-
-    with lora_warnings():  # e.g. targets that kohya-format tools drop, said before training starts
-        result = call(
-            morphkit.train_lora, data, prompt, config=config, model=model, output_dir=output_dir, name=name,
-            device=device, resume=resume, overwrite=overwrite, allow_pickle=allow_pickle, lora_format=lora_format,
-            metadata_prompt=metadata_prompt, progress=not quiet, **settings,
-        )
-    if result.rank != 0:
-        return  # the main process reports
-    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-    last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
-    on = f" on {result.processes} processes" if result.processes > 1 else ""
-    typer.echo(f"Trained {result.steps} steps{resumed}{on}{last} in {time.perf_counter() - start:.1f} s.")
-    for path in result.lora_paths:
-        typer.echo(f"LoRA: {path}")
-    typer.echo(f"Log:  {result.output_dir / 'train_log.jsonl'}")
 
 
 @app.command()
@@ -283,8 +197,10 @@ from cli import lora as _lora_cli  # noqa: E402
 from cli.batch import batch as _batch  # noqa: E402
 from cli.morph import morph as _morph  # noqa: E402
 from cli.stylize import stylize as _stylize  # noqa: E402
+from cli.train import train as _train  # noqa: E402
 
 app.add_typer(_lora_cli.app, name="lora")
+app.command(name="train")(_train)
 app.command(name="morph")(_morph)
 app.command(name="stylize")(_stylize)
 app.command(name="batch")(_batch)

@@ -77,6 +77,7 @@ class LoraShape:
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank, a scale of 1
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+    use_dora: bool = False  # DoRA: a learned magnitude per output channel beside the low-rank direction
 
     @property
     def effective_alpha(self) -> float:
@@ -90,6 +91,7 @@ class LoraShape:
             lora_alpha=self.effective_alpha,
             init_lora_weights="gaussian",
             target_modules=list(self.targets),
+            use_dora=self.use_dora,
         )
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ..errors import LoRAError
 from ..io import atomic_write, check_can_write
-from .names import is_ldm_path, kohya_module_name, shown
+from .names import PARTS, is_ldm_path, kohya_module_name, shown
 from .reading import DIFFUSERS_METADATA_KEY, read_lora_file
 from .updates import LoraFile, LoraModule, nearest_lora
 
@@ -161,11 +161,13 @@ def peft_metadata(lora: LoraFile, part: str = "unet") -> dict:
 
 
 def lora_from_peft(state_dict: dict[str, torch.Tensor], peft_config: dict) -> LoraFile:
-    """A `LoraFile` from a PEFT state dict with `unet.` keys and its config (`lora.adapter_metadata`)."""
+    """A `LoraFile` from a PEFT state dict with part prefixes (`unet.`, `text_encoder.`, `text_encoder_2.`) and
+    its config with the same prefixes (`lora.adapter_metadata`)."""
     from .reading import _group, build_update, diffusers_config
 
     metadata = {DIFFUSERS_METADATA_KEY: json.dumps(peft_config, default=str)}
-    configs = {"unet": diffusers_config("the adapter", metadata, "unet")}
+    configs = {part: diffusers_config("the adapter", metadata, part) for part in PARTS
+               if any(k.startswith(part + ".") for k in state_dict)}
     groups = _group("the adapter", state_dict, "diffusers")
     return LoraFile({n: build_update("the adapter", n, g, configs) for n, g in groups.items()})
 
