@@ -20,11 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .families import family_of
 from .io import atomic_write, check_can_write
 from .lora_files import read_tensors
 from .lora_files.names import shown
 
-ENCODER_KEYS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
+EMBEDDING_KEYS = ("clip_l", "clip_g")  # each text encoder's key is its family's (`TextEncoder.embedding_key`)
 MAX_TOKENS = 64
 
 
@@ -66,7 +67,7 @@ def read_embedding(path: str | os.PathLike, allow_pickle: bool = False) -> Embed
             raise InputError(f"{shown(path)} is not an embedding file: it holds {len(tensors)} tensors and no clip_l or "
                              "clip_g. An embedding file holds one tensor per text encoder.")
         tensors = {"clip_l": next(iter(tensors.values()))}
-    vectors = {k: v.float() for k, v in tensors.items() if k in ENCODER_KEYS}
+    vectors = {k: v.float() for k, v in tensors.items() if k in EMBEDDING_KEYS}
     count = {v.shape[0] if v.dim() == 2 else 1 for v in vectors.values()}
     if len(count) != 1 or any(v.dim() not in (1, 2) or not torch.isfinite(v).all() for v in vectors.values()):
         raise InputError(f"{shown(path)}: its vectors must be finite and of shape (tokens, width), the same number of "
@@ -95,24 +96,24 @@ def _abstraction(header: dict) -> str | None:
 
 
 def load_embedding(pipe, source: str | os.PathLike | Embedding, allow_pickle: bool = False) -> Embedding:
-    """Add an embedding's tokens to every text encoder of `pipe` it has vectors for (diffusers' loader)."""
+    """Add an embedding's tokens to every text encoder of `pipe` (diffusers' loader); it must have vectors for
+    each of them and none for encoders the model lacks."""
     embedding = source if isinstance(source, Embedding) else read_embedding(source, allow_pickle)
     where = "the embedding" if isinstance(source, Embedding) else shown(source)
-    for key, (encoder_name, tokenizer_name) in ENCODER_KEYS.items():
-        encoder = getattr(pipe, encoder_name, None)
-        if encoder is None and key in embedding.vectors:
-            raise InputError(f"{where} has vectors for {key}, a text encoder this model does not have (an SDXL "
-                             "embedding on an SD 1.x model?). Use an embedding made for this model.")
-        if encoder is None:
-            continue
-        if key not in embedding.vectors:
-            raise InputError(f"{where} has no {key} vectors for this model's {encoder_name}.")
-        vectors = embedding.vectors[key]
+    family = family_of(pipe)
+    if extra := sorted(set(embedding.vectors) - {te.embedding_key for te in family.text_encoders}):
+        raise InputError(f"{where} has vectors for {', '.join(extra)}, a text encoder {family.label} models do not have "
+                         "(an SDXL embedding on an SD 1.x model?). Use an embedding made for this model.")
+    for te in family.text_encoders:
+        encoder, tokenizer = getattr(pipe, te.attr), getattr(pipe, te.tokenizer)
+        if te.embedding_key not in embedding.vectors:
+            raise InputError(f"{where} has no {te.embedding_key} vectors for this model's {te.attr}; it was made for "
+                             "another model.")
+        vectors = embedding.vectors[te.embedding_key]
         width = encoder.get_input_embeddings().weight.shape[1]
         if vectors.shape[1] != width:
-            raise InputError(f"{where}: its {key} vectors are {vectors.shape[1]} wide, but this model's {encoder_name} "
-                             f"takes {width}. The embedding was made for another model.")
-        tokenizer = getattr(pipe, tokenizer_name)
+            raise InputError(f"{where}: its {te.embedding_key} vectors are {vectors.shape[1]} wide, but this model's "
+                             f"{te.attr} takes {width}. The embedding was made for another model.")
         if any(t in tokenizer.get_vocab() for t in embedding.tokens):
             continue  # loaded already
         pipe.load_textual_inversion(vectors.to(encoder.dtype), token=embedding.tokens, text_encoder=encoder,

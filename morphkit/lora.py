@@ -131,15 +131,19 @@ def save_lora(
     info: dict | None = None,
     overwrite: bool = False,
     format: str = "diffusers",
+    family=None,
+    unet_config=None,
 ) -> Path:
     """Write a LoRA trained by morphkit atomically, in `format` (`diffusers` or `kohya`).
 
-    `state_dict` and `peft_metadata` are `lora_state_dict(unet)` and `adapter_metadata(unet)`; `info` is
-    morphkit's training record, stored as strings under `morphkit.<key>` (and as kohya's `ss_*` keys).
+    `state_dict` and `peft_metadata` are `lora_state_dict(unet)` and `adapter_metadata(unet)` (or the same with
+    `text_encoder.` / `text_encoder_2.` parts); `info` is morphkit's training record, stored as strings under
+    `morphkit.<key>` (and as kohya's `ss_*` keys). `family` and `unet_config` name kohya modules as the model's
+    family does (SDXL: LDM-layout UNet names, `lora_te1_` / `lora_te2_`).
     """
     if format == "kohya":
         lora = lora_from_peft(state_dict, peft_metadata)
-        return save_lora_file(path, lora, "kohya", info, overwrite)
+        return save_lora_file(path, lora, "kohya", info, overwrite, family=family, unet_config=unet_config)
     if format != "diffusers":
         raise LoRAError(f"Unknown LoRA format {format!r}; choose kohya or diffusers.")
     path = check_can_write(path, overwrite, "LoRA file")

@@ -25,7 +25,7 @@ def fixed_loss(pipe, encoded, settings):
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     z = encoded[0].latents[0][None].repeat(16, 1, 1, 1)
-    e = encoded[0].embeddings[0][None].repeat(16, 1, 1)
+    e = encoded[0].embeddings[0].expand(16)
     noise, timesteps = draw_noise(z, rng(1234, "eval", 0), settings, scheduler.config.num_train_timesteps)
     with torch.no_grad():
         return diffusion_loss(pipe.unet, scheduler, z, e, noise, timesteps, settings,

@@ -249,3 +249,69 @@ def test_a_dora_file_round_trips_in_both_formats(photo, tmp_path, tiny_path):
     assert (unet_probe(stock.unet) - trained).abs().max() < 1e-4
     info = morphkit.lora_files.lora_info(kohya)
     assert "dora" in json.dumps(info).lower()
+
+
+# ---------------------------------------------------------------------------------------------- SDXL
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(morphkit_cache):
+    from morphkit.tiny_sdxl import tiny_sdxl_model_path
+
+    return tiny_sdxl_model_path()
+
+
+def xl_unet_probe(pipe, seed=0):
+    """The SDXL UNet's output on a fixed random input (latents, token embeddings, pooled embeddings, time ids)."""
+    unet, g = pipe.unet, torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    x = torch.randn((2, 4, size, size), generator=g)
+    emb = torch.randn((2, 77, unet.config.cross_attention_dim), generator=g)
+    pooled = torch.randn((2, pipe.text_encoder_2.config.projection_dim), generator=g)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500, 20]), emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
+def test_sdxl_lora_with_both_text_encoders_trains_and_loads_in_stock_diffusers(photo, tmp_path, tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = morphkit.load_pipeline("tiny-sdxl", device="cpu")
+    base = xl_unet_probe(pipe)
+    result = morphkit.train_lora(photo, "a photo", output_dir=tmp_path, train_text_encoder=True, steps=6,
+                                 learning_rate=1e-2, text_encoder_lr=1e-2, pipe=pipe, **FAST)
+    assert result.losses and all(torch.isfinite(torch.tensor(result.losses)))
+    trained, cond = xl_unet_probe(pipe), morphkit.models.encode_conditioning(pipe, "a photo", (64, 64))
+    assert (trained - base).abs().max() > 1e-3
+    keys = load_file(str(result.lora_path))
+    for prefix in ("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_te1_text_model_", "lora_te2_text_model_"):
+        assert any(k.startswith(prefix) for k in keys), prefix  # SDXL's kohya names, as A1111 and ComfyUI map them
+
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
+    stock.load_lora_weights(str(result.lora_path))
+    assert (xl_unet_probe(stock) - trained).abs().max() < 1e-4
+    again = morphkit.models.encode_conditioning(stock, "a photo", (64, 64))
+    assert (again.embeds - cond.embeds).abs().max() < 1e-4 and (again.pooled - cond.pooled).abs().max() < 1e-4
+
+
+def test_sdxl_pivotal_tuning_writes_clip_l_and_clip_g(photo, tmp_path, tiny_sdxl):
+    from morphkit.embeddings import load_embedding
+
+    pipe = morphkit.load_pipeline("tiny-sdxl", device="cpu")
+    result = morphkit.train_lora(photo, "a photo of TOK", output_dir=tmp_path, train_text_encoder_ti=True, steps=4,
+                                 text_encoder_lr=5e-2, pipe=pipe, **FAST)
+    vectors = load_file(str(result.embedding_path))
+    assert {k: tuple(v.shape) for k, v in vectors.items()} == {"clip_l": (2, 32), "clip_g": (2, 48)}
+    trained = morphkit.models.encode_conditioning(pipe, "a photo of <s0><s1>", (64, 64))
+    ours = morphkit.load_pipeline("tiny-sdxl", device="cpu")
+    embedding = load_embedding(ours, result.embedding_path)
+    again = morphkit.models.encode_conditioning(ours, embedding.in_prompt("a photo of TOK"), (64, 64))
+    assert (again.embeds - trained.embeds).abs().max() < 1e-5 and (again.pooled - trained.pooled).abs().max() < 1e-5
+    with pytest.raises(morphkit.InputError, match="clip_g"):  # an SDXL embedding on SD 1.5
+        load_embedding(morphkit.load_pipeline("tiny", device="cpu"), result.embedding_path)
+
+
+def test_a_morph_on_sdxl_fits_a_lora_per_image(tmp_path, tiny_sdxl):
+    a, b = make_photo(tmp_path / "a.png"), make_photo(tmp_path / "b.png", seed=5)
+    result = morphkit.morph(a, b, model="tiny-sdxl", steps=4, frames=3, lora_steps=3, pacing="linear",
+                            output_dir=tmp_path / "m", formats=("gif",), cache=False, progress=False)
+    assert len(result.frames) == 3

@@ -138,6 +138,11 @@ class Family:
         """The negative prompt's conditioning for classifier-free guidance (as the family's pipelines make it)."""
         return self.encode_prompt(pipe, prompt, size)
 
+    def with_sizes(self, cond: PromptEmbeds, sizes: list[tuple[int, int]]) -> PromptEmbeds:
+        """`cond` (from `encode_tokens`, one row per size) with the size conditioning of images of `sizes`
+        (height, width) where the family has one (SDXL's time ids); as it is elsewhere."""
+        return cond
+
     def added_cond_kwargs(self, cond: PromptEmbeds, dtype=None) -> dict | None:
         """The UNet's `added_cond_kwargs` for `cond` (None where the UNet takes none)."""
         return None

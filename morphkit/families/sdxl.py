@@ -78,6 +78,10 @@ class SDXLFamily(Family):
             return cond.zeros_like()
         return cond
 
+    def with_sizes(self, cond: PromptEmbeds, sizes: list[tuple[int, int]]) -> PromptEmbeds:
+        ids = torch.cat([time_ids(size, (0, 0), size) for size in sizes]).to(cond.embeds.device)
+        return PromptEmbeds(cond.embeds, cond.pooled, ids)
+
     def added_cond_kwargs(self, cond: PromptEmbeds, dtype=None) -> dict:
         if cond.pooled is None or cond.time_ids is None:
             raise ValueError("SDXL's UNet needs pooled prompt embeddings and time ids; encode the prompt with "

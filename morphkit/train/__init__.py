@@ -30,7 +30,10 @@ from .parallel import Share
 from .run import lora_files, train_lora
 from .settings import CROPS, DEFAULT_STEPS, LR_SCHEDULES, MIXED_PRECISIONS, TrainResult, TrainSettings
 
+FAMILIES = ("sd15", "sdxl")  # the model families the trainer fits LoRAs on (`morph` asks, before it fits)
+
 __all__ = [
+    "FAMILIES",
     "CROPS", "DEFAULT_STEPS", "LR_SCHEDULES", "MIXED_PRECISIONS", "EncodedExample", "Share", "TrainResult",
     "TrainSettings", "batch_indices", "diffusion_loss", "draw_batch", "draw_noise", "encode_examples", "fit_lora",
     "fit_loras", "joint_steps", "list_checkpoints", "load_checkpoint", "lora_files", "lr_at", "make_optimizer",

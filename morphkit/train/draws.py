@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..families import PromptEmbeds, as_prompt_embeds
 from .encoding import EncodedExample
 from .settings import DEFAULT_STEPS, TrainSettings
 
@@ -40,8 +41,8 @@ def batch_indices(micro_step: int, n: int, batch_size: int, seed: int, stream: s
 
 def draw_batch(encoded: list[EncodedExample], micro_step: int, settings: TrainSettings, latent_size: int,
                global_batch: int | None = None, stream: str = "batch", repeats: int | None = None):
-    """The latents, embeddings and captions of micro-batch `micro_step`: flips, crops, captions and caption
-    dropout drawn by seed. Returns (latents, embeddings or None when they are not cached, captions).
+    """The latents, conditioning and captions of micro-batch `micro_step`: flips, crops, captions and caption
+    dropout drawn by seed. Returns (latents, a `PromptEmbeds` or None when captions are not encoded ahead, captions).
 
     `global_batch` (default `settings.batch_size`) is the batch of every process together: processes that
     train data-parallel each draw the whole of it and keep their own rows, so that together they see the
@@ -68,8 +69,13 @@ def draw_batch(encoded: list[EncodedExample], micro_step: int, settings: TrainSe
         dropped = bool(dropout) and float(torch.rand(1, generator=gen)) < dropout
         captions.append("" if dropped else (ex.captions[pick] if ex.captions else None))
         if ex.embeddings:
-            embeds.append(ex.empty if dropped else ex.embeddings[pick])
-    return torch.stack(latents), (torch.stack(embeds) if len(embeds) == len(latents) else None), captions
+            embeds.append(one_row(ex.empty if dropped else ex.embeddings[pick]))
+    return torch.stack(latents), (PromptEmbeds.cat(embeds) if len(embeds) == len(latents) else None), captions
+
+
+def one_row(cond) -> PromptEmbeds:
+    """A cached conditioning as one row: SD 1.x's (tokens, dim) embeddings gain the batch dimension."""
+    return as_prompt_embeds(cond[None] if isinstance(cond, torch.Tensor) else cond)
 
 
 def draw_noise(latents: torch.Tensor, gen: torch.Generator, settings: TrainSettings, num_train_timesteps: int):

@@ -8,15 +8,18 @@ import torch
 
 from ..data import Example
 from ..images import center_crop, resize_to_policy
-from ..models import encode_image, encode_prompt
+from ..families import PromptEmbeds
+from ..models import encode_conditioning, encode_image
 
 
 @dataclass
 class EncodedExample:
     latents: list[torch.Tensor]  # [plain] or [plain, flipped], each (4, h, w)
-    embeddings: list[torch.Tensor]  # one (77, dim) per caption; empty when the text encoder trains (encoded per step)
+    # one conditioning per caption (a one-row `PromptEmbeds`, or SD 1.x's (77, dim) embeddings); empty when the
+    # text encoder trains (captions are encoded at every step then)
+    embeddings: list[PromptEmbeds | torch.Tensor]
     captions: list[str] = field(default_factory=list)
-    empty: torch.Tensor | None = None  # the embedding of "" (a dropped caption), when captions may be dropped
+    empty: PromptEmbeds | None = None  # the conditioning of "" (a dropped caption), when captions may be dropped
 
 
 @torch.no_grad()
@@ -29,12 +32,13 @@ def encode_examples(pipe, examples: list[Example], resolution: int, crop: str, r
     the whole image is used. With `embed` False the captions are kept as text only (a text encoder that
     trains encodes them at every step); with `dropout` the embedding of "" is kept too.
     """
-    prompt_cache: dict[str, torch.Tensor] = {}
+    prompt_cache: dict[tuple, PromptEmbeds] = {}
 
-    def embedding(caption: str) -> torch.Tensor:
-        if caption not in prompt_cache:
-            prompt_cache[caption] = encode_prompt(pipe, caption)[0]
-        return prompt_cache[caption]
+    def embedding(caption: str, size: tuple[int, int]) -> PromptEmbeds:
+        """The caption's conditioning for an image of `size` (SDXL's time ids hold the size)."""
+        if (caption, size) not in prompt_cache:
+            prompt_cache[caption, size] = encode_conditioning(pipe, caption, size)
+        return prompt_cache[caption, size]
 
     encoded = []
     for ex in examples:
@@ -43,7 +47,8 @@ def encode_examples(pipe, examples: list[Example], resolution: int, crop: str, r
             img = center_crop(img, (resolution, resolution))
         variants = [img, img.transpose(0)] if random_flip else [img]  # 0 = FLIP_LEFT_RIGHT
         latents = [encode_image(pipe, v)[0] for v in variants]
-        embeddings = [embedding(c) for c in ex.captions] if embed else []
-        empty = embedding("") if embed and dropout else None
+        size = (img.height, img.width)
+        embeddings = [embedding(c, size) for c in ex.captions] if embed else []
+        empty = embedding("", size) if embed and dropout else None
         encoded.append(EncodedExample(latents, embeddings, list(ex.captions), empty))
     return encoded

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from ..errors import ConfigError
+from ..families import PromptEmbeds
 from ..lora import add_lora
 from ..progress import tqdm
 from .draws import draw_batch, draw_noise, lr_at, rng, total_steps
@@ -82,7 +83,7 @@ def fit_loras(
                     group["lr"] = lr
                 draws = [draw_batch(examples[name], step, settings, latent_size) for name in names]
                 latents = torch.cat([z for z, _, _ in draws])
-                embeds = torch.cat([e for _, e, _ in draws])
+                embeds = PromptEmbeds.cat([e for _, e, _ in draws])
                 noise, timesteps = zip(*(draw_noise(z, rng(settings.seed, "noise", step), settings,
                                                     scheduler.config.num_train_timesteps) for z, _, _ in draws))
                 per_sample = diffusion_loss(unet, scheduler, latents, embeds, torch.cat(noise), torch.cat(timesteps),

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError
+from ..families import PromptEmbeds
 from ..progress import tqdm
 from .checkpoints import changed_settings, list_checkpoints, load_checkpoint, read_state, save_checkpoint
 from .draws import draw_batch, draw_noise, lr_at, rng, total_steps
@@ -53,8 +54,8 @@ def draw_micro_batch(encoded, class_examples, settings: TrainSettings, index: in
     for (z, e, c), stream in drawn:
         n, t = draw_noise(z, rng(settings.seed, stream, index), settings, num_train_timesteps)
         latents.append(z[rows]), noise.append(n[rows]), timesteps.append(t[rows]), captions.extend(c[rows])
-        embeds.append(None if e is None else e[rows])
-    cached = None if any(e is None for e in embeds) else torch.cat(embeds)
+        embeds.append(None if e is None else e.rows(rows))
+    cached = None if any(e is None for e in embeds) else PromptEmbeds.cat(embeds)
     return torch.cat(latents), cached, captions, torch.cat(noise), torch.cat(timesteps)
 
 
@@ -72,7 +73,7 @@ def train_step(unet, scheduler, encoded, settings: TrainSettings, step: int, lat
             encoded, class_examples, settings, index, latent_size, share, scheduler.config.num_train_timesteps)
         if trainables.text_trains:
             with autocast:
-                embeds = trainables.conditioning(captions, latents.device)
+                embeds = trainables.conditioning(captions, sizes=[tuple(8 * s for s in z.shape[-2:]) for z in latents])
         per_sample = diffusion_loss(unet, scheduler, latents, embeds, noise, timesteps, settings, autocast,
                                     per_sample=True)
         loss = per_sample[:n].mean()

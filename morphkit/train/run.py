@@ -23,6 +23,7 @@ from .. import __version__
 from ..data import data_hash, load_class_images, load_examples
 from ..embeddings import save_embedding
 from ..errors import ConfigError, InputError, OutputExistsError
+from ..families import family_of
 from ..images import fit_size
 from ..io import check_room, check_writable, sweep_stale, write_json
 from ..lora import check_targets, save_lora
@@ -247,8 +248,10 @@ def write_results(pipe, plan: Plan, result: TrainResult, digest: str, metadata_p
     s, trainables = plan.settings, result.trainables
     info = lora_header(s, plan.name, result.steps, plan.examples, digest, metadata_prompt)
     state, peft_config = trained_lora(trainables)
+    family = family_of(pipe)
     for path, fmt in plan.files.items():
-        save_lora(path, state, peft_config, info, overwrite=True, format=fmt)
+        save_lora(path, state, peft_config, info, overwrite=True, format=fmt, family=family,
+                  unet_config=pipe.unet.config)
     if trainables.tokens:
         vectors = {part.embedding_key: trainables.tokens[part.name].vectors.detach().float().cpu()
                    for part in trainables.parts}

@@ -19,35 +19,24 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..families import PromptEmbeds, family_of
 from ..lora import LoraShape
 from .settings import TrainSettings
 
-# Where a text encoder's new-token vectors go in an embedding file: the keys A1111, ComfyUI and diffusers'
-# `load_textual_inversion` read (SD 1.x's one CLIP is "clip_l"; SDXL adds its OpenCLIP ViT-bigG as "clip_g").
-EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
-
-
 @dataclass
 class TextPart:
-    """One text encoder of a pipeline, with its tokenizer and its name in files."""
+    """One text encoder of a pipeline, with its tokenizer and its name in files (from the model's family)."""
 
     name: str  # "text_encoder", "text_encoder_2"
     tokenizer: object
     encoder: torch.nn.Module
-
-    @property
-    def embedding_key(self) -> str:
-        return EMBEDDING_KEYS[self.name]
+    embedding_key: str  # "clip_l", "clip_g": where its new tokens' vectors go in an embedding file
 
 
 def text_parts(pipe) -> list[TextPart]:
-    """The pipeline's text encoders, in order."""
-    parts = []
-    for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        encoder = getattr(pipe, name, None)
-        if encoder is not None:
-            parts.append(TextPart(name, getattr(pipe, tokenizer), encoder))
-    return parts
+    """The pipeline's text encoders, in the family's order."""
+    return [TextPart(te.attr, getattr(pipe, te.tokenizer), getattr(pipe, te.attr), te.embedding_key)
+            for te in family_of(pipe).text_encoders]
 
 
 def new_token_names(settings: TrainSettings) -> list[str]:
@@ -143,10 +132,10 @@ def add_text_lora(part: TextPart, shape: LoraShape, adapter_name: str = "default
     return params
 
 
-def encode_captions(part: TextPart, captions: list[str]) -> torch.Tensor:
-    """The encoder's last hidden states for `captions`, padded to the tokenizer's length: SD 1.x's conditioning,
-    as the pipeline computes it, here with gradients to whatever of the encoder trains."""
-    tokenizer = part.tokenizer
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return part.encoder(ids.to(part.encoder.device))[0]
+def encode_captions(pipe, parts: list[TextPart], captions: list[str], sizes: list[tuple[int, int]]) -> PromptEmbeds:
+    """The conditioning of `captions` for images of `sizes`, as the family's pipeline computes it, here with
+    gradients to whatever of the text encoders trains."""
+    family = family_of(pipe)
+    ids = [part.tokenizer(captions, padding="max_length", max_length=part.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids for part in parts]
+    return family.with_sizes(family.encode_tokens([part.encoder for part in parts], ids), sizes)

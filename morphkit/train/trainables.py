@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..families import PromptEmbeds
 from ..lora import add_lora
 from .settings import TrainSettings
 from .text import NewTokens, TextPart, add_new_tokens, add_text_lora, encode_captions, settle_new_tokens, text_parts
@@ -24,13 +25,14 @@ class Trainables:
     tokens_until: int = 0  # the step from which the new tokens are frozen
     adapter_name: str = "default"
     unet_model: torch.nn.Module | None = None  # the UNet the LoRA lives in
+    pipe: object | None = None
 
     @classmethod
     def attach(cls, pipe, settings: TrainSettings, steps: int, adapter_name: str = "default") -> "Trainables":
         """Add this run's adapters (and new tokens) to `pipe`, seeded, the base weights frozen."""
         torch.manual_seed(settings.seed)  # the LoRA's initial weights
         made = cls(unet=add_lora(pipe.unet, settings.shape, adapter_name), adapter_name=adapter_name,
-                   unet_model=pipe.unet)
+                   unet_model=pipe.unet, pipe=pipe)
         if settings.train_text_encoder or settings.train_text_encoder_ti:
             made.parts = text_parts(pipe)
         for part in made.parts:
@@ -72,9 +74,9 @@ class Trainables:
                 wrapped.vectors.requires_grad_(False)
                 wrapped.vectors.grad = None
 
-    def conditioning(self, captions: list[str], device) -> torch.Tensor:
-        """The UNet's text conditioning of `captions`, through the (training) text encoder."""
-        return encode_captions(self.parts[0], captions).to(device)
+    def conditioning(self, captions: list[str], sizes: list[tuple[int, int]]) -> PromptEmbeds:
+        """The UNet's conditioning of `captions` for images of `sizes`, through the (training) text encoders."""
+        return encode_captions(self.pipe, self.parts, captions, sizes)
 
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
