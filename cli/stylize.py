@@ -36,6 +36,7 @@ def stylize(
     lora: Optional[list[str]] = typer.Option(None, "--lora", "-l", help=LORA_HELP),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Multiplies every LoRA's weight; 0: the base model."),
     prompt: str = typer.Option("", "--prompt", "-p", help=PROMPT_HELP),
+    embedding: Optional[list[Path]] = typer.Option(None, "--embedding", help="A textual-inversion embedding (.safetensors; morphkit train --train-text-encoder-ti writes NAME_emb.safetensors, A1111 and civitai embeddings load too) whose tokens the prompts may use; a morphkit embedding also turns its token abstraction (TOK) in the prompts into its tokens. Repeat for several."),
     negative_prompt: str = typer.Option("", "--negative-prompt",
                                         help="What to steer away from (with --guidance above 1)."),
     strength: float = typer.Option(0.5, "--strength", help=STRENGTH_HELP),
@@ -70,7 +71,8 @@ def stylize(
 
     start = time.perf_counter()
     result = call(
-        morphkit.stylize, images, lora or [], prompt=prompt, negative_prompt=negative_prompt, lora_scale=lora_scale,
+        morphkit.stylize, images, lora or [], prompt=prompt, negative_prompt=negative_prompt, embedding=embedding or (),
+        lora_scale=lora_scale,
         strength=strength, guidance=guidance, controlnet_scale=controlnet_scale, steps=steps, seed=seed,
         canny_low=canny_low, canny_high=canny_high, resolution=resolution, model=model or DEFAULT_MODEL,
         controlnet=controlnet, output_dir=output_dir, overwrite=overwrite, device=device,

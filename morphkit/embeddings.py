@@ -119,3 +119,28 @@ def load_embedding(pipe, source: str | os.PathLike | Embedding, allow_pickle: bo
         pipe.load_textual_inversion(vectors.to(encoder.dtype), token=embedding.tokens, text_encoder=encoder,
                                     tokenizer=tokenizer)
     return embedding
+
+
+def read_embeddings(paths, allow_pickle: bool = False) -> list[Embedding]:
+    """Read every embedding file of a command (`--embedding`, repeated) before the model loads."""
+    return [read_embedding(path, allow_pickle) for path in paths or ()]
+
+
+def use_embeddings(pipe, embeddings: list[Embedding]):
+    """Load `embeddings` into `pipe`; returns what prompts become: each abstraction replaced by its tokens."""
+    for embedding in embeddings:
+        load_embedding(pipe, embedding)
+
+    def in_prompt(prompt: str) -> str:
+        for embedding in embeddings:
+            prompt = embedding.in_prompt(prompt)
+        return prompt
+
+    return in_prompt
+
+
+def embeddings_fingerprint(paths) -> str:
+    """What the embedding files contribute to cache keys: their contents' hashes ('' for none)."""
+    from .io import sha256_file
+
+    return ",".join(sha256_file(p)[:16] for p in paths or ())

@@ -24,6 +24,7 @@ from PIL import Image
 from .errors import ConfigError, InputError, MorphkitError, NumericalError, OutputExistsError
 from .images import check_resolution, list_images, open_image, resize_to_policy, save_image
 from .inversion import check_steps
+from .embeddings import read_embeddings, use_embeddings
 from .lora import adapter_weights, load_loras, merged_updates, parse_lora_spec
 from .lora_files import LoraFile, check_weight, read_lora_file
 from .families import family_of
@@ -324,6 +325,7 @@ def stylize(
     *,
     prompt: str = "",
     negative_prompt: str = "",
+    embedding=(),
     lora_scale: float = 1.0,
     strength: float = 0.5,
     guidance: float = 7.5,
@@ -348,7 +350,8 @@ def stylize(
     """Redraw each image with the style LoRA(s) through ControlNet-Canny img2img.
 
     `images`: a path, a folder, or a list of them. `lora`: LoRA files as paths, `"path:weight"` strings or
-    (path, weight) pairs; each runs at its weight x `lora_scale`. Each image keeps its aspect ratio (the
+    (path, weight) pairs; each runs at its weight x `lora_scale`. `embedding`: textual-inversion files whose
+    tokens (and abstraction, for morphkit's own) the prompts may use. Each image keeps its aspect ratio (the
     size policy of `morphkit.images` at `resolution`, default the model's); its Canny edges use
     `canny_low`/`canny_high` (see `canny_thresholds`; neither: from its median brightness). With `save`,
     writes `<stem>.png` and `<stem>.edges.png` into `output_dir` (default `outputs/stylize`).
@@ -363,6 +366,7 @@ def stylize(
     # 1. everything that can be checked before the model is loaded
     check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed, canny_low, canny_high, resolution)
     specs = check_lora_files(lora, allow_pickle)
+    embeddings = read_embeddings([embedding] if isinstance(embedding, (str, os.PathLike)) else embedding, allow_pickle)
     files, todo, failed = readable_images(images)
     out = Path(output_dir or Path("outputs") / "stylize") if save else None
     targets = planned_outputs(todo, out, overwrite) if save else {}
@@ -376,6 +380,8 @@ def stylize(
     cn_pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising", **bar_options())
     unet = cn_pipe.unet
     resolution = resolution or 8 * unet.config.sample_size
+    in_prompt = use_embeddings(cn_pipe, embeddings)
+    prompt, negative_prompt = in_prompt(prompt), in_prompt(negative_prompt)
     stages.end("load")
 
     # 3. the LoRAs, into the UNet before any image is drawn (a LoRA that does not fit raises LoRAError here);

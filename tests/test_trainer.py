@@ -315,3 +315,31 @@ def test_a_morph_on_sdxl_fits_a_lora_per_image(tmp_path, tiny_sdxl):
     result = morphkit.morph(a, b, model="tiny-sdxl", steps=4, frames=3, lora_steps=3, pacing="linear",
                             output_dir=tmp_path / "m", formats=("gif",), cache=False, progress=False)
     assert len(result.frames) == 3
+
+
+def test_morph_and_stylize_take_an_embedding_and_its_abstraction(photo, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    trained = morphkit.train_lora(photo, "a photo of TOK", output_dir=tmp_path / "t", train_text_encoder_ti=True,
+                                  steps=4, text_encoder_lr=5e-2, **FAST)
+    emb = trained.embedding_path
+    a, b = make_photo(tmp_path / "a.png", seed=1), make_photo(tmp_path / "b.png", seed=2)
+    common = dict(model="tiny", prompt="a photo of TOK", tuning_free=True, steps=4, frames=3, pacing="linear",
+                  formats=("png",), cache_dir=str(tmp_path / "cache"), progress=False)
+    plain = morphkit.morph(a, b, output_dir=tmp_path / "plain", **common)
+    with_tokens = morphkit.morph(a, b, output_dir=tmp_path / "emb", embeddings=[str(emb)], **common)
+    assert with_tokens.cache_hits and not any(with_tokens.cache_hits.values())  # the embedding is in the cache keys: nothing reused
+    middle = [torch.tensor(list(r.frames[1].getdata()), dtype=torch.float32) for r in (plain, with_tokens)]
+    assert (middle[0] - middle[1]).abs().max() > 0  # TOK now means the learned tokens
+    again = morphkit.morph(a, b, output_dir=tmp_path / "emb2", embeddings=[str(emb)], **common)
+    assert again.cache_hits and all(again.cache_hits.values())
+
+    done = CliRunner().invoke(app, ["stylize", str(photo), "--model", "tiny", "--embedding", str(emb), "-p",
+                                    "a painting of TOK", "--steps", "2", "-o", str(tmp_path / "s"), "-q"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "s" / "photo.png").is_file()
+    bad = CliRunner().invoke(app, ["stylize", str(photo), "--model", "tiny", "--embedding", str(tmp_path / "no.safetensors"),
+                                   "-o", str(tmp_path / "s2"), "-q"])
+    assert bad.exit_code != 0 and "no.safetensors" in bad.output and "Traceback" not in bad.output

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..cache import TensorCache, cache_key, model_fingerprint
+from ..embeddings import embeddings_fingerprint, read_embeddings, use_embeddings
 from ..errors import ConfigError
 from ..images import cover_resize, open_image, resize_to_policy
 from ..inversion import DDIMSchedule, ddim_schedule
@@ -173,6 +174,7 @@ def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=Non
     settings = settings or MorphSettings()
     # 1. check the inputs before anything heavy
     originals = originals or check_keyframes(images, settings)
+    embeddings = read_embeddings(settings.embeddings, settings.allow_pickle)
     stages = Stages(pipe.unet.device if pipe is not None else resolve_device(settings.device))
     stages.begin()
 
@@ -188,10 +190,11 @@ def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=Non
     keys = [image_key(img) for img in sized]
     prompts = settings.keyframe_prompts(len(sized))
     check_distinct(keys, prompts, settings)
+    in_prompt = use_embeddings(pipe, embeddings)  # their tokens known to the tokenizers; TOK spelled as them
     latents = [encode_image(pipe, img) for img in sized]
     size = (sized[0].height, sized[0].width)  # every frame's: SDXL's time ids (original = target size, no crop)
-    embeds = [encode_conditioning(pipe, p, size) for p in prompts]
-    negative = (encode_conditioning(pipe, settings.negative_prompt, size, negative=True)
+    embeds = [encode_conditioning(pipe, in_prompt(p), size) for p in prompts]
+    negative = (encode_conditioning(pipe, in_prompt(settings.negative_prompt), size, negative=True)
                 if settings.guidance != 1.0 else None)
     store, fingerprint = pair_cache(settings, pipe, given_pipe is not None)
     stages.end("load")
@@ -248,6 +251,8 @@ def pair_cache(settings: MorphSettings, pipe, given_pipe: bool) -> tuple[TensorC
     family = family_of(pipe)
     if family.name != "sd15" or settings.vae:  # SD 1.x keys stay as they were, so that its cache stays valid
         fingerprint += f":{family.name}:vae={model_fingerprint(str(settings.vae)) if settings.vae else 'own'}"
+    if settings.embeddings:  # new tokens change what a prompt means
+        fingerprint += f":embeddings={embeddings_fingerprint(settings.embeddings)}"
     return store, fingerprint
 
 

@@ -67,6 +67,7 @@ class MorphSettings:
     prompt_b: str | None = prepare(None)
     prompt_for: tuple[str, ...] | None = prepare(None)  # one prompt per keyframe, in order (--prompt-for, repeated)
     negative_prompt: str = prepare("")
+    embeddings: tuple[str, ...] | None = prepare(None)  # textual-inversion files whose tokens prompts may use
     guidance: float = prepare(1.0)
     steps: int = prepare(50)
     seed: int = prepare(0)
@@ -141,7 +142,11 @@ class MorphSettings:
         for name in ("output_dir", "cache_dir", "lora_a", "lora_b"):  # paths may come as Path objects
             if isinstance(values.get(name), os.PathLike):
                 values[name] = os.fspath(values[name])
-        for name in ("formats", "prompt_for"):  # lists from a file or a command line, kept as tuples
+        if isinstance(values.get("embeddings"), (str, os.PathLike)):
+            values["embeddings"] = [values["embeddings"]]
+        if isinstance(values.get("embeddings"), (list, tuple)):
+            values["embeddings"] = [os.fspath(e) if isinstance(e, os.PathLike) else e for e in values["embeddings"]]
+        for name in ("formats", "prompt_for", "embeddings"):  # lists from a file or a command line, kept as tuples
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
         return cls(**values).validate()
@@ -210,6 +215,9 @@ class MorphSettings:
                   f"--prompt-for (prompts in a config file) must be texts, one per image; got {self.prompt_for!r}.")
             _need(self.prompt_a is None and self.prompt_b is None,
                   "--prompt-for gives every image its prompt; leave out --prompt-a and --prompt-b.")
+        if self.embeddings is not None:
+            _need(isinstance(self.embeddings, tuple) and all(isinstance(e, str) and e for e in self.embeddings),
+                  f"--embedding takes embedding files (.safetensors); got {self.embeddings!r}.")
         check_steps(self.steps)
         _number(self.guidance, "guidance", low=0, low_open=True, high=100)
         _integer(self.seed, "seed", 0, MAX_SEED - 1)
