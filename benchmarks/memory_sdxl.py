@@ -114,7 +114,7 @@ def measure(quick: bool) -> tuple[dict, int]:
         peaks["LoRA fitting (two LoRAs, batch 2, with AdamW state)"] = live.peak
         live.reset()
         lora_step(unet, lora_params, latents[:1], cond.rows(0), ADAPTERS[:1])
-        peaks["LoRA fitting (one LoRA at a time: --no-fit-together)"] = live.peak
+        peaks["LoRA fitting (one LoRA at a time: fit_together = false in a --config file)"] = live.peak
 
     with live:
         live.reset()
