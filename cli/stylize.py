@@ -40,7 +40,7 @@ def stylize(
     negative_prompt: str = typer.Option("", "--negative-prompt",
                                         help="What to steer away from (with --guidance above 1)."),
     strength: float = typer.Option(0.5, "--strength", help=STRENGTH_HELP),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale; 1 turns it off."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale; 1 turns it off. [default: the model's: 7.5 for SD 1.x, 5 for SDXL]"),
     controlnet_scale: float = typer.Option(0.5, "--controlnet-scale",
                                            help="How strongly the edges hold the layout; 0 ignores them."),
     steps: int = typer.Option(50, "--steps", help=STEPS_HELP),

@@ -246,7 +246,7 @@ def check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed
     if int(steps * strength) < 1:
         raise ConfigError(f"strength {strength} of {steps} steps leaves no denoising step (img2img runs "
                           f"int(steps x strength) of them). Raise --strength or --steps.")
-    if not (math.isfinite(guidance) and 0 < guidance <= 100):
+    if guidance is not None and not (math.isfinite(guidance) and 0 < guidance <= 100):
         raise ConfigError(f"--guidance must be above 0 and at most 100 (7.5 is usual; 1 turns classifier-free "
                           f"guidance off); got {guidance}.")
     if not (math.isfinite(controlnet_scale) and 0 <= controlnet_scale <= 100):
@@ -328,7 +328,7 @@ def stylize(
     embedding=(),
     lora_scale: float = 1.0,
     strength: float = 0.5,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     controlnet_scale: float = 0.5,
     steps: int = 50,
     seed: int = 0,
@@ -362,6 +362,7 @@ def stylize(
     `tiny` for a tiny model and the family's ControlNet-Canny otherwise (SD 1.5: lllyasviel/sd-controlnet-canny,
     SDXL: diffusers/controlnet-canny-sdxl-1.0). `pipe`: a loaded SD 1.x or SDXL pipeline (the ControlNet is
     added to it), or a ControlNet img2img pipeline used as it is. `vae`: another VAE for `model` (--vae).
+    `guidance`: by default the family's (7.5 for SD 1.x, 5 for SDXL).
     """
     # 1. everything that can be checked before the model is loaded
     check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed, canny_low, canny_high, resolution)
@@ -380,6 +381,7 @@ def stylize(
     cn_pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising", **bar_options())
     unet = cn_pipe.unet
     resolution = resolution or 8 * unet.config.sample_size
+    guidance = family_of(cn_pipe).default_guidance if guidance is None else guidance  # 7.5 SD 1.x, 5 SDXL
     in_prompt = use_embeddings(cn_pipe, embeddings)
     prompt, negative_prompt = in_prompt(prompt), in_prompt(negative_prompt)
     stages.end("load")

@@ -90,8 +90,8 @@ class Family:
     controlnet_example: str  # for messages: 'SD 1.5 ControlNet (such as ...)'
     upcast_vae_in_fp16: bool
     default_resolution: int
-    default_guidance: float  # for text-to-image and stylize
-    default_lora_rank: int  # for a style/subject LoRA
+    default_guidance: float  # stylize's classifier-free guidance
+    default_lora_rank: int  # a subject/style LoRA's rank (DESIGN.md's references): for the trainer
     tiny_name: str  # the built-in test model's name for --model
     text_encoders: tuple[TextEncoder, ...]
     config_folder: Path  # the diffusers configs for single-file checkpoints (no weights)
@@ -156,9 +156,6 @@ class Family:
     def kohya_unet_name(self, path: str, unet_config) -> str:
         """A diffusers UNet module path as the family's kohya files name it (without `lora_unet_`)."""
         return path.replace(".", "_")
-
-    def resolution_note(self) -> str:
-        return f"{self.label} works at {self.default_resolution} px"
 
     def __repr__(self) -> str:
         return f"<Family {self.name}>"
