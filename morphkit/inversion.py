@@ -322,7 +322,7 @@ def invert(
     from .families import family_of
     from .images import open_image, resize_to_policy, to_pil
     from .lora import adapter_weights
-    from .models import DEFAULT_MODEL, decode_latents, encode_conditioning, encode_image, load_pipeline, stage_precision
+    from .models import DEFAULT_MODEL, decode_latents, encode_image, load_pipeline, stage_precision
 
     # 1. every input checked before the model loads
     inversion = (inversion or Inversion()).check()
@@ -335,9 +335,7 @@ def invert(
         pipe = load_pipeline(model or DEFAULT_MODEL, device=device, dtype=dtype, allow_pickle=allow_pickle, vae=vae)
     img = resize_to_policy(original, resolution or 8 * pipe.unet.config.sample_size)
     z0 = encode_image(pipe, img)
-    size = (img.height, img.width)
-    embeds = encode_conditioning(pipe, prompt, size)
-    negative = encode_conditioning(pipe, negative_prompt, size, negative=True) if guidance != 1.0 else None
+    embeds, negative = _conditioning(pipe, prompt, negative_prompt if guidance != 1.0 else None, img.size)
     schedule = ddim_schedule(pipe.scheduler.config, steps)
     _attach_lora(pipe, lora, allow_pickle)
 
@@ -362,14 +360,23 @@ def invert(
     reconstruction = to_pil(decoded)[0]
     error, psnr_db = latent_error(regenerated, z0), image_psnr(decoded, round_trip)
     settings = {"family": family_of(pipe).name, "prompt": prompt, "steps": steps, "inversion": inversion.key(),
-                "guidance": guidance,
-                "negative_prompt": negative_prompt if guidance != 1.0 else "", "model": str(model),
-                "lora": str(lora or ""), "size": f"{img.width}x{img.height}", "precision": precision}
+                "guidance": guidance, "negative_prompt": negative_prompt if guidance != 1.0 else "",
+                "model": str(model), "lora": str(lora or ""), "size": f"{img.width}x{img.height}",
+                "precision": precision}
     report = {"latent_error": error, "psnr": psnr_db, "model_calls": calls[0], "seconds": seconds, **settings}
     if save:
         paths = _write_inversion(paths, noise, z0, reconstruction, settings, report, overwrite)
     return InversionResult(noise, z0, reconstruction, error, psnr_db, paths if save else {}, settings, calls[0],
                            seconds)
+
+
+def _conditioning(pipe, prompt: str, negative_prompt: str | None, size: tuple[int, int]):
+    """The prompt's and (when guided) the negative prompt's conditioning for an image of `size` (width, height)."""
+    from .models import encode_conditioning
+
+    hw = (size[1], size[0])
+    negative = None if negative_prompt is None else encode_conditioning(pipe, negative_prompt, hw, negative=True)
+    return encode_conditioning(pipe, prompt, hw), negative
 
 
 def _attach_lora(pipe, lora, allow_pickle: bool) -> None:
