@@ -50,12 +50,14 @@ def _read_json(path: Path) -> dict:
 
 def family_of_folder(folder: Path) -> Family:
     """The family of a diffusers folder (one with model_index.json), from its components and UNet config."""
+    from ..lora_files.names import shown  # strings from a file are shown escaped (imported here: no import circle)
+
     index = _read_json(folder / "model_index.json")
     unet = _read_json(folder / "unet" / "config.json")
     has = {part: isinstance(index.get(part), list) and index[part][0] is not None
            for part in ("unet", "text_encoder", "text_encoder_2")}
     if not has["unet"] or not unet:
-        kind = str(index.get("_class_name", "unknown"))[:80]
+        kind = shown(index.get("_class_name", "unknown"), 80)  # a string from the file: escaped, never raw
         raise ModelNotFoundError(f"The folder {folder} holds a {kind!r} model without a Stable Diffusion UNet: it is "
                                  f"neither SD 1.x nor SDXL. {_MODEL_HELP}.")
     if unet.get("addition_embed_type") == "text_time" or has["text_encoder_2"]:
@@ -64,7 +66,7 @@ def family_of_folder(folder: Path) -> Family:
         return SDXL
     if unet.get("addition_embed_type") not in (None, "") or not has["text_encoder"]:
         raise ModelNotFoundError(f"The folder {folder} holds a UNet with extra conditioning "
-                                 f"({str(unet.get('addition_embed_type'))[:40]!r}) that is neither SD 1.x nor SDXL. "
+                                 f"({shown(unet.get('addition_embed_type'), 40)!r}) that is neither SD 1.x nor SDXL. "
                                  f"{_MODEL_HELP}.")
     return SD15
 
