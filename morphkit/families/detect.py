@@ -58,7 +58,7 @@ def family_of_folder(folder: Path) -> Family:
            for part in ("unet", "text_encoder", "text_encoder_2")}
     if not has["unet"] or not unet:
         kind = shown(index.get("_class_name", "unknown"), 80)  # a string from the file: escaped, never raw
-        raise ModelNotFoundError(f"The folder {folder} holds a {kind!r} model without a Stable Diffusion UNet: it is "
+        raise ModelNotFoundError(f"The folder {folder} holds a '{kind}' model without a Stable Diffusion UNet: it is "
                                  f"neither SD 1.x nor SDXL. {_MODEL_HELP}.")
     if unet.get("addition_embed_type") == "text_time" or has["text_encoder_2"]:
         if index.get("requires_aesthetics_score") or not has["text_encoder"]:
@@ -66,7 +66,7 @@ def family_of_folder(folder: Path) -> Family:
         return SDXL
     if unet.get("addition_embed_type") not in (None, "") or not has["text_encoder"]:
         raise ModelNotFoundError(f"The folder {folder} holds a UNet with extra conditioning "
-                                 f"({shown(unet.get('addition_embed_type'), 40)!r}) that is neither SD 1.x nor SDXL. "
+                                 f"('{shown(unet.get('addition_embed_type'), 40)}') that is neither SD 1.x nor SDXL. "
                                  f"{_MODEL_HELP}.")
     return SD15
 
