@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -89,8 +90,14 @@ class _AttentionRun:
         self.inner, self.group = inner.to(device), group[inner].to(device)
         self.alpha = alphas[inner].float().view(-1, 1, 1).to(device)
 
-    @torch.compiler.disable  # the step and the store are Python state: under torch.compile they must not
-    def interpolated_inputs(self, layer: str, hidden: torch.Tensor) -> torch.Tensor | None:  # become guards
+    def __post_init__(self):
+        # The step and the store are Python state: under torch.compile they must stay out of the graphs (no
+        # guards on them). torch.compile runs through `models.compiled`, which loads dynamo before a run is made;
+        # without it nothing is disabled, and importing dynamo (about 2 s) is not paid by every morph.
+        if "torch._dynamo" in sys.modules:
+            self.interpolated_inputs = torch.compiler.disable(self.interpolated_inputs)
+
+    def interpolated_inputs(self, layer: str, hidden: torch.Tensor) -> torch.Tensor | None:
         """`key_value_inputs` during the interpolated steps; None (plain self-attention) after them."""
         return self.key_value_inputs(layer, hidden) if self.step < self.store.steps else None
 
