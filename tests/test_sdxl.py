@@ -243,6 +243,22 @@ def test_kohya_sdxl_lora_loads_in_stock_diffusers_and_changes_weights_by_its_upd
                for n, m in written.modules.items())
 
 
+def test_lora_convert_of_an_sdxl_file_gives_diffusers_names_and_back_kohya_sdxl_names(xl_lora, tmp_path):
+    import warnings
+
+    from morphkit.lora_files import LoraCompatibilityWarning, convert_lora, read_lora_file
+
+    path, written = xl_lora
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoraCompatibilityWarning)
+        diffusers_file = convert_lora(path, tmp_path / "d.safetensors", to="diffusers")
+    back = convert_lora(diffusers_file, tmp_path / "k.safetensors", to="kohya")
+    as_diffusers = read_lora_file(diffusers_file)
+    assert set(as_diffusers.modules) == set(written.modules)  # diffusers' block names: what diffusers loads
+    with safe_open(str(path), framework="pt") as a, safe_open(str(back), framework="pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
 def test_sd15_lora_on_sdxl_and_sdxl_lora_on_sd15_are_refused_and_mix_refuses_families(xl_lora, tiny_pipe, xl_pipe,
                                                                                      photo, tmp_path):
     from morphkit.lora import load_lora

@@ -106,6 +106,22 @@ def kohya_state_dict(lora: LoraFile, family=None, unet_config=None) -> dict[str,
     return out
 
 
+def diffusers_names(lora: LoraFile, family=None, unet_config=None) -> LoraFile:
+    """`lora` with UNet modules named in the LDM layout (an SDXL kohya file's, ComfyUI's) renamed to diffusers' block
+    names for `family` (by default the one the file says it was made for; from `unet_config`, or the family's base
+    UNet), which is all diffusers loads. Without a family, or with diffusers names already, `lora` as it is."""
+    from .inspect import family_of_lora
+    from .names import ldm_unet_names, unet_path_for
+
+    family = family or family_of_lora(lora)
+    if family is None or not any(is_ldm_path(p) for p in lora.part("unet")):
+        return lora
+    names = ldm_unet_names(unet_config or family.unet_config())
+    modules = {(f"unet.{unet_path_for(n.partition('.')[2], names)}" if n.startswith("unet.") else n): m
+               for n, m in lora.modules.items()}
+    return LoraFile(modules, lora.metadata, lora.format, lora.path)
+
+
 def diffusers_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
     out = {}
     for name, m in _plain(lora).items():
@@ -311,17 +327,20 @@ def save_lora_file(path: str | os.PathLike, lora: LoraFile, format: str = "kohya
     path = check_can_write(path, overwrite, "LoRA file")
     header = {k: v for k, v in lora.metadata.items() if k != DIFFUSERS_METADATA_KEY and not k.startswith("ss_")}
     header.update(info_header(info))
-    if format == "kohya":
-        from .inspect import family_of_lora
+    from .inspect import family_of_lora
 
-        family = family or family_of_lora(lora)
+    family = family or family_of_lora(lora)
+    if format == "kohya":
         header.update({k: v for k, v in lora.metadata.items() if k.startswith("ss_")})
         header.update(kohya_header(lora, info, family, unet_config))
         tensors = kohya_state_dict(lora, family, unet_config)
     else:
+        lora = diffusers_names(lora, family, unet_config)
         config = {**peft_metadata(lora, "unet"), **peft_metadata(lora, "text_encoder"),
                   **peft_metadata(lora, "text_encoder_2")}
         header[DIFFUSERS_METADATA_KEY] = json.dumps(config, sort_keys=True)
+        if family is not None:  # what the file is for, in the header key kohya and civitai use (read by made_for)
+            header.setdefault("modelspec.architecture", kohya_header(lora, None, family)["modelspec.architecture"])
         tensors = diffusers_state_dict(lora)
         warnings.warn(DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, stacklevel=2)
     header["format"] = "pt"
