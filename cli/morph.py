@@ -35,6 +35,12 @@ HELP = {  # the longer help texts, apart, so that the command's signature reads 
         "extra frame renders. linear: α evenly spaced, one pass, faster, but the morph can jump where the "
         "images change fastest."
     ),
+    "pacing_probe_steps": (
+        "Even pacing from a quick probe: draw the frames first with this many coarse DDIM steps (the same path "
+        "from the same noise), pace on their distances, then render every frame once. Faster (20 steps: about "
+        "a quarter less rendering), but less even than pacing on a full pass (benchmarks/results/pacing-cpu.md). "
+        "[default: 0, a full first pass]"
+    ),
     "distance": (
         "How --pacing even measures the distance between frames: lpips (perceptual; needs the lpips package "
         "and its AlexNet weights already on this machine), l2 (RMS pixel difference, no weights), or auto "
@@ -102,6 +108,7 @@ def morph(
     attn_lambda: Optional[float] = typer.Option(None, "--attn-lambda", help=HELP["attn_lambda"]),
     adain: Optional[bool] = typer.Option(None, "--adain/--no-adain", help=HELP["adain"]),
     pacing: Optional[str] = typer.Option(None, "--pacing", help=HELP["pacing"]),
+    pacing_probe_steps: Optional[int] = typer.Option(None, "--pacing-probe-steps", help=HELP["pacing_probe_steps"]),
     distance: Optional[str] = typer.Option(None, "--distance", help=HELP["distance"]),
     lora_blend: Optional[str] = typer.Option(None, "--lora-blend", help=HELP["lora_blend"]),
     compile_unet: Optional[bool] = typer.Option(None, "--compile", help=HELP["compile_unet"]),
@@ -133,6 +140,7 @@ def morph(
         prompt_for=prompt_for or None, loop=loop, embeddings=[str(e) for e in embedding] if embedding else None,
         back_and_forth=back_and_forth, cache=cache, cache_dir=cache_dir, overwrite=overwrite, device=device,
         dtype=dtype, allow_pickle=allow_pickle, attn_lambda=attn_lambda, adain=adain, pacing=pacing,
+        pacing_probe_steps=pacing_probe_steps,
         distance=distance, lora_blend=lora_blend, compile_unet=compile_unet, tuning_free=tuning_free,
         inversion=inversion, inversion_iterations=inversion_iterations, inversion_tolerance=inversion_tolerance,
         fp32_ends=fp32_ends, vae=vae,
@@ -182,8 +190,9 @@ def morph_report(result, steps: int) -> list[str]:
         import torch
 
         before, after = pdv(torch.tensor(result.first_distances)), pdv(torch.tensor(result.distances))
-        lines.append(f"Pacing: even by {result.distance} distance; re-rendered {len(result.rerendered)} of "
-                     f"{len(result.frames)} frames; PDV {before:.3g} (linear) -> {after:.3g}.")
+        how = (f"measured on a {result.probe_steps}-step probe pass, every frame rendered once" if result.probe_steps
+               else f"re-rendered {len(result.rerendered)} of {len(result.frames)} frames")
+        lines.append(f"Pacing: even by {result.distance} distance; {how}; PDV {before:.3g} (linear) -> {after:.3g}.")
     else:
         lines.append(f"Pacing: {result.pacing}.")
     if result.inversion:

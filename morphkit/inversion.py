@@ -54,6 +54,15 @@ def ddim_schedule(scheduler_config, steps: int) -> DDIMSchedule:
     return DDIMSchedule(timesteps, alphas_cumprod[timesteps], alphas_prev)
 
 
+def coarse_schedule(schedule: DDIMSchedule, steps: int) -> DDIMSchedule:
+    """About `steps` of `schedule`'s steps, evenly picked, each going on to the next picked one: the same path from
+    the same starting noise level to the same end, in fewer and larger DDIM steps (even pacing's probe pass)."""
+    stride = max(1, round(len(schedule) / max(1, steps)))
+    picked = torch.arange(0, len(schedule), stride)
+    alphas_prev = torch.cat([schedule.alphas[picked[1:]], schedule.alphas_prev[-1:]])
+    return DDIMSchedule(schedule.timesteps[picked], schedule.alphas[picked], alphas_prev)
+
+
 def check_steps(steps, num_train_timesteps: int = 1000) -> int:
     from .errors import ConfigError
 

@@ -505,3 +505,26 @@ def test_rendering_through_torch_compile_gives_the_same_frames_and_compiles_once
         assert (traced - eager).abs().max() < 1e-5 * eager.abs().max()
     # the interpolation's step counter is not a compiled guard: twice the steps, no more graphs
     assert graphs[3] > 0 and len(set(graphs.values())) == 1, graphs
+
+
+def test_a_coarse_schedule_walks_the_same_path_in_fewer_steps(tiny_pipe):
+    from morphkit.inversion import coarse_schedule
+
+    full = ddim_schedule(tiny_pipe.scheduler.config, 50)
+    coarse = coarse_schedule(full, 10)
+    assert len(coarse) == 10
+    assert coarse.timesteps[0] == full.timesteps[0] and coarse.alphas_prev[-1] == full.alphas_prev[-1]
+    assert torch.equal(coarse.alphas_prev[:-1], coarse.alphas[1:])  # each step lands on the next one's level
+    assert torch.equal(coarse_schedule(full, 50).timesteps, full.timesteps)
+
+
+def test_even_pacing_from_a_probe_pass_renders_each_frame_once_and_evens_the_morph(tiny_pipe, tmp_path):
+    a, b = make_photo(tmp_path / "a.png", seed=1), make_photo(tmp_path / "b.png", seed=2)
+    common = dict(pipe=tiny_pipe, prompt="a photo", tuning_free=True, steps=20, frames=8, formats=(), cache=False,
+                  distance="l2", progress=False)
+    result = morphkit.morph(a, b, pacing_probe_steps=5, **common)
+    assert result.probe_steps == 5 and result.rerendered == [] and len(result.frames) == 8
+    assert result.alphas[0] == 0 and result.alphas[-1] == 1 and result.alphas == sorted(result.alphas)
+    linear = morphkit.morph(a, b, pacing="linear", **common)
+    _, l2, _ = get_distance("l2", torch.device("cpu"))
+    assert pdv(torch.tensor(result.distances)) < pdv(neighbour_distances(images_to_tensor(linear.frames), l2))

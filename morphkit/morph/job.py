@@ -49,6 +49,7 @@ class Rendered:
     precisions: dict[str, str] = field(default_factory=dict)  # end frames, in-between frames
     keyframes: list[int] = field(default_factory=list)  # the index of each keyframe's frame (a pair: first, last)
     segments: list[int] = field(default_factory=list)  # each segment's steps (frame-to-frame gaps)
+    probe_steps: int = 0  # the sampling steps of even pacing's probe pass (0: paced on the full first pass)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class MorphResult:
     inversion: str = ""  # how the images were inverted, in words
     keyframes: list[int] = field(default_factory=list)  # the index of each keyframe's frame (a pair: first, last)
     segments: list[int] = field(default_factory=list)  # each segment's steps (a chain's frames went by length)
+    probe_steps: int = 0  # the sampling steps of even pacing's probe pass (0: paced on the full first pass)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,15 +80,15 @@ class MorphResult:
 
 
 def render_alphas(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
-                  attention: AttentionStore | None = None, bar=None) -> list[Image.Image]:
+                  attention: AttentionStore | None = None, bar=None, schedule=None) -> list[Image.Image]:
     """The frames at `alphas` (one pass, no pacing), decoded to images.
 
     With `fp32_ends` on a model in fp16 / bf16, the end frames (α = 0 or 1) render and decode in fp32, as they
     were inverted, so that they come back as exactly as the inversion allows; the others in the model's own
     precision. (`attention` must then keep the ends' inputs: `exact_ends_apart` says when.)
     """
-    if not exact_ends_apart(prepared):
-        return _render_decode(prepared, alphas, settings, attention, bar)
+    if not exact_ends_apart(prepared) or schedule is not None:  # (a probe pass needs no exact ends)
+        return _render_decode(prepared, alphas, settings, attention, bar, schedule)
     is_end = (alphas == 0) | (alphas == 1)
     frames: list = [None] * len(alphas)
     for part in (is_end, ~is_end):
@@ -105,16 +107,17 @@ def exact_ends_apart(prepared: PreparedPair) -> bool:
 
 
 def _render_decode(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
-                   attention: AttentionStore | None, bar) -> list[Image.Image]:
+                   attention: AttentionStore | None, bar, schedule=None) -> list[Image.Image]:
     p = prepared
-    latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, p.schedule,
+    latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, schedule or p.schedule,
                             p.settings.guidance, p.negative, settings.batch_size, p.adapters, progress=bar,
                             adain=settings.adain, blend=settings.lora_blend, attention=attention)
     return to_pil(check_finite(decode_latents(p.pipe, check_finite(latents, "rendering")), "decoding"))
 
 
 def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, *, progress: bool = True) -> Rendered:
-    """All frames of the morph: a first pass at evenly spaced α, then (even pacing) `pace`.
+    """All frames of the morph: a first pass at evenly spaced α, then (even pacing) `pace`; or, with even pacing
+    and `pacing_probe_steps`, a quick probe pass that `probe_pace` measures, then every frame once at its α.
 
     `settings` may differ from the prepared ones in render settings only (`prepared.matches(settings)`).
     """
@@ -137,10 +140,13 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
     bar = tqdm(total=settings.frames, desc="rendering frames", unit="frame", disable=not progress)
     with compiled(unet, enabled=settings.compile_unet):
         try:
-            frames = render_alphas(prepared, alphas, settings, attention, bar)
-            rendered = Rendered(frames, alphas.tolist(), alphas.tolist())
-            if distance is not None:
-                rendered = pace(prepared, rendered, settings, distance, attention, bar)
+            if distance is not None and settings.pacing_probe_steps:
+                rendered = probe_pace(prepared, settings, distance, attention, bar)
+            else:
+                frames = render_alphas(prepared, alphas, settings, attention, bar)
+                rendered = Rendered(frames, alphas.tolist(), alphas.tolist())
+                if distance is not None:
+                    rendered = pace(prepared, rendered, settings, distance, attention, bar)
         finally:
             bar.close()
             if attention is not None:
@@ -157,6 +163,36 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
 def render_precisions(prepared: PreparedPair) -> dict[str, str]:
     own = module_precision(prepared.pipe.unet)
     return {"end frames": "fp32" if exact_ends_apart(prepared) else own, "in-between frames": own}
+
+
+def probe_pace(prepared: PreparedPair, settings: MorphSettings, distance, attention: AttentionStore | None = None,
+               bar=None) -> Rendered:
+    """Even pacing from a probe: render the frames at evenly spaced α with `pacing_probe_steps` coarse DDIM steps
+    (the same path from the same noise, in larger steps), measure their neighbour distances, move each α so that
+    consecutive frames would be equally far apart, and render every frame once, at full steps, at its α. The
+    probe costs `pacing_probe_steps / steps` of a pass, where re-rendering the moved frames cost most of one."""
+    from ..inversion import coarse_schedule
+    from ..metrics import images_to_tensor, neighbour_distances
+
+    name, distance_fn, _ = distance
+    alphas = alpha_schedule(settings.frames)
+    probe = coarse_schedule(prepared.schedule, settings.pacing_probe_steps)
+    probe_attention = (AttentionStore(attention_steps(settings.attn_lambda, len(probe)), keep=False)
+                       if attention is not None else None)
+    if bar is not None:
+        bar.total += settings.frames
+        bar.refresh()
+    try:
+        quick = render_alphas(prepared, alphas, settings, probe_attention, bar, schedule=probe)
+    finally:
+        if probe_attention is not None:
+            probe_attention.clear()
+    first = neighbour_distances(images_to_tensor(quick), distance_fn)
+    target = even_alphas(alphas.double(), first)
+    frames = render_alphas(prepared, target, settings, attention, bar)
+    distances = neighbour_distances(images_to_tensor(frames), distance_fn)
+    return Rendered(frames, target.tolist(), alphas.tolist(), [float(d) for d in first], [float(d) for d in distances],
+                    [], name, probe_steps=len(probe))
 
 
 def pace(prepared: PreparedPair, rendered: Rendered, settings: MorphSettings, distance,

@@ -84,4 +84,4 @@ def finish(prepared, rendered, settings: MorphSettings, out: Path | None) -> Mor
                        rendered.attention_steps, rendered.attention_bytes, settings.pacing, rendered.distance,
                        rendered.rerendered, rendered.first_distances, rendered.distances,
                        {**prepared.precisions, **rendered.precisions}, settings.inversion_method.describe(),
-                       rendered.keyframes, rendered.segments)
+                       rendered.keyframes, rendered.segments, rendered.probe_steps)

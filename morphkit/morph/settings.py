@@ -97,6 +97,7 @@ class MorphSettings:
     pacing: str = render("even")
     distance: str = render("auto")
     pacing_tolerance: float = render(0.05)
+    pacing_probe_steps: int = render(0)  # > 0: even pacing measures a quick pass of this many steps (0: a full one)
     compile_unet: bool = render(False)
     loop: bool = render(False)  # a chain closes back to its first keyframe
     # the files (export)
@@ -248,6 +249,7 @@ class MorphSettings:
         check_pacing(self.pacing)
         check_distance(self.distance)
         _number(self.pacing_tolerance, "pacing-tolerance", low=0, high=1.0)
+        _integer(self.pacing_probe_steps, "pacing-probe-steps", 0, 1000)
         _need(isinstance(self.compile_unet, bool), f"compile_unet must be true or false; got {self.compile_unet!r}.")
         _need(isinstance(self.loop, bool), f"loop (--loop) must be true or false; got {self.loop!r}.")
 
