@@ -177,6 +177,14 @@ def test_attention_interpolation_runs_on_sdxl_up_blocks_and_keeps_the_ends(xl_pi
     mixed = render_frames(xl_pipe, *noise, *cond, alphas, schedule, adapters=(), attention=store)
     assert torch.equal(plain[[0, 2]], mixed[[0, 2]]) and not torch.allclose(plain[1], mixed[1], atol=1e-4)
     assert store.peak_bytes > 0 and {k[0] for k in store.states} <= {name for name, _ in layers}
+    # the store can live elsewhere than the UNet (the CPU, beside a GPU): a later call reads it back, same frames
+    frames = []
+    for where in (None, "cpu"):
+        kept = AttentionStore(steps=3, keep=True, device=where)
+        render_frames(xl_pipe, *noise, *cond, alphas[[0, 2]], schedule, adapters=(), attention=kept)
+        frames.append(render_frames(xl_pipe, *noise, *cond, alphas[[1]], schedule, adapters=(), attention=kept))
+        assert all(t.device.type == "cpu" for t in kept.states.values()) and kept.peak_bytes == store.peak_bytes
+    assert torch.equal(*frames) and torch.allclose(frames[0], mixed[1:2], atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- stylize

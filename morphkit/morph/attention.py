@@ -40,17 +40,23 @@ class AttentionStore:
     up blocks' self-attention layers, in `dtype` (fp16). `keep`: hold them after `render_frames` returns,
     for a later call that renders more in-between frames (even pacing); otherwise `render_frames` keeps
     them only while its own later batches need them and drops them at its end. `peak_bytes` is the most
-    they took at any time.
+    they took at any time. `device`: where they are kept; None keeps them where they were computed, "cpu"
+    keeps them off the GPU and copies each back when a layer reads it (on SDXL at 1024 px the store is
+    about 0.1 GiB per end frame and interpolated step, 6 GiB at DiffMorpher's settings: see
+    benchmarks/memory_sdxl.py).
     """
 
     steps: int
     dtype: torch.dtype = torch.float16
     keep: bool = False
+    device: str | torch.device | None = None
     states: dict = field(default_factory=dict)  # (layer name, step, end 0 or 1) -> (groups, tokens, channels)
     nbytes: int = 0
     peak_bytes: int = 0
 
     def put(self, layer: str, step: int, end: int, inputs: torch.Tensor):
+        if self.device is not None:
+            inputs = inputs.to(self.device)
         old = self.states.get((layer, step, end))
         self.nbytes += inputs.numel() * inputs.element_size() - (0 if old is None else old.numel() * old.element_size())
         self.states[(layer, step, end)] = inputs
@@ -113,7 +119,7 @@ class _AttentionRun:
                     self.store.put(layer, self.step, e, ends[e])
         if not len(self.inner):
             return None
-        s0, s1 = (ends[e] if e in ends else self.store.get(layer, self.step, e) for e in (0, 1))
+        s0, s1 = (ends[e] if e in ends else self.store.get(layer, self.step, e).to(hidden.device) for e in (0, 1))
         mixed = (1 - self.alpha) * s0[self.group].float() + self.alpha * s1[self.group].float()
         out = hidden.clone()
         out[self.inner] = mixed.to(hidden.dtype)
