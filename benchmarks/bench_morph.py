@@ -96,9 +96,36 @@ def build_sd15(device, dtype):
     return pipe
 
 
+def build_sdxl(device, dtype):
+    """The full-size SDXL base pipeline with random weights, from the configs shipped in morphkit/configs/sdxl."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    config = SD15_CONFIG.parent / "sdxl"
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config), subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config), subfolder="vae"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(str(config), subfolder="text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(config), subfolder="text_encoder_2"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, unet=unet,
+        tokenizer=CLIPTokenizer.from_pretrained(str(config), subfolder="tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(config), subfolder="tokenizer_2"),
+        scheduler=DDIMScheduler.from_pretrained(str(config), subfolder="scheduler"), add_watermarker=False,
+    )
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+BUILDERS = {"tiny": load_tiny, "sd15": build_sd15, "sdxl": build_sdxl}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "sd15", "sdxl"], default="tiny",
+                        help="sdxl: full-size SDXL base at 1024 px; for a CUDA GPU (its stage rows are left out).")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-reference", action="store_true", help="Skip the straightforward reference.")
     parser.add_argument("--channels-last", action="store_true",
@@ -113,6 +140,8 @@ def main():
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    if args.size == "sdxl" and device.type != "cuda":
+        sys.exit("--size sdxl is for a CUDA GPU: full-size SDXL in fp32 on a CPU needs tens of GB and hours.")
     torch.set_num_threads(os.cpu_count() or 1)
     settings = PRESETS["sd15-cpu" if args.size == "sd15" and device.type == "cpu" else "full"]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -127,17 +156,28 @@ def main():
             memory[name] = round(timer.peak_gib, 2)
 
     with Timer(device) as t:
-        pipe = load_tiny(device, dtype) if args.size == "tiny" else build_sd15(device, dtype)
+        pipe = BUILDERS[args.size](device, dtype)
     record("model load" if args.size == "tiny" else "model build (random weights)", t)
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     resolution = settings["resolution"] or 8 * pipe.unet.config.sample_size
     img_a = load_image(PHOTOS / "astronaut.jpg", resolution)
-    img_b = cover_resize(load_image(PHOTOS / "chelsea.jpg"), img_a.size)
     prompts = ("a photo of an astronaut", "a photo of a cat")
 
-    # --- stages of morphkit, one by one ---
+    if args.size != "sdxl":
+        stage_rows(pipe, device, settings, img_a, prompts, record)
+
+    # --- the whole morph: morphkit, then the reference, on the same pipeline ---
+    common = dict(prompt_a=prompts[0], prompt_b=prompts[1], frames=settings["frames"], steps=settings["steps"],
+                  lora_steps=settings["lora_steps"], resolution=resolution, formats=(), cache=False, progress=False)
+    whole_morphs(pipe, device, settings, common, args, timings, memory, record)
+    report_and_write(args, device, dtype, settings, resolution, img_a, timings, memory)
+
+
+def stage_rows(pipe, device, settings, img_a, prompts, record):
+    """Each stage of morphkit timed alone (SD 1.x: the stage functions take SD 1.x's prompt tensors)."""
+    resolution = img_a.size[1]
     encode_image(pipe, img_a)  # warm-up
     with Timer(device) as t:
         latent = encode_image(pipe, img_a)
@@ -166,9 +206,14 @@ def main():
     record("inversion step (two images in one batch, as morph inverts them)", t, settings["steps"])
     pipe.unet.delete_adapters("bench")
 
-    # --- the whole morph: morphkit, then the reference, on the same pipeline ---
-    common = dict(prompt_a=prompts[0], prompt_b=prompts[1], frames=settings["frames"], steps=settings["steps"],
-                  lora_steps=lora_steps, resolution=resolution, formats=(), cache=False, progress=False)
+
+def whole_morphs(pipe, device, settings, common, args, timings, memory, record):
+    """The whole morph: morphkit's plain one (the reference's algorithm), its defaults, then the reference."""
+    lora_steps, dtype = settings["lora_steps"], pipe.unet.dtype
+    resolution = common["resolution"]
+    img_a = load_image(PHOTOS / "astronaut.jpg", resolution)
+    img_b = cover_resize(load_image(PHOTOS / "chelsea.jpg"), img_a.size)
+    prompts = (common["prompt_a"], common["prompt_b"])
     # Against the reference, the same algorithm: plain slerp + adapter blend, linear α, no attention
     # interpolation or AdaIN. What morphkit's defaults add is timed after it, on its own line.
     plain = dict(attn_lambda=0.0, adain=False, pacing="linear")
@@ -185,7 +230,8 @@ def main():
     with Timer(device) as t:
         result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common)
     record("morphkit defaults (attention interpolation, AdaIN, even pacing): whole morph", t, result=result)
-    memory_note = f"attention store {result.attention_bytes / 2**20:.1f} MiB, {len(result.rerendered)} frames re-rendered"
+    timings["_note"] = (f"attention store {result.attention_bytes / 2**20:.1f} MiB, {len(result.rerendered)} frames "
+                        f"re-rendered, pacing probe {result.probe_steps} steps")
     timings["morphkit defaults: render"] = result.timings["render"]
     if args.compile:
         for label, options in (("morphkit", plain), ("morphkit defaults", {})):
@@ -209,7 +255,7 @@ def main():
             if ref_dtype == dtype:
                 ref_pipe = pipe
             else:
-                ref_pipe = load_tiny(device, ref_dtype) if args.size == "tiny" else build_sd15(device, ref_dtype)
+                ref_pipe = BUILDERS[args.size](device, ref_dtype)
                 if args.channels_last:
                     ref_pipe.unet.to(memory_format=torch.channels_last)
                     ref_pipe.vae.to(memory_format=torch.channels_last)
@@ -226,6 +272,10 @@ def main():
             timings["speed-up (reference in morphkit's dtype / morphkit)"] = (
                 timings[runs[1][1]] / timings["morphkit: whole morph"])
 
+
+
+def report_and_write(args, device, dtype, settings, resolution, img_a, timings, memory):
+    memory_note = timings.pop("_note")
     report = {
         "size": args.size,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -252,6 +302,8 @@ def main():
               f"morphkit defaults: {memory_note}"]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
 
 
 if __name__ == "__main__":

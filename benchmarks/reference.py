@@ -94,3 +94,37 @@ def reference_morph(pipe, image_a, image_b, prompt_a, prompt_b, frames, steps, l
     noise_a = reference_invert(pipe, image_a, prompt_a, "ref0", steps)
     noise_b = reference_invert(pipe, image_b, prompt_b, "ref1", steps)
     return reference_render(pipe, noise_a, noise_b, prompt_a, prompt_b, frames, steps)
+
+
+def main():
+    """The whole straightforward morph as a script (what `bench_summary.py` times as a process): imports, the
+    model, the two photos, the morph, a GIF."""
+    import argparse
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, help="A diffusers folder (the tiny model's, for the benchmark).")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--lora-steps", type=int, default=200)
+    args = parser.parse_args()
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    photos = Path(__file__).resolve().parent.parent / "dataset" / "photos"
+    tensors = []
+    for name in ("astronaut.jpg", "chelsea.jpg"):
+        img = Image.open(photos / name).convert("RGB").resize((args.resolution, args.resolution))
+        tensors.append(torch.from_numpy(__import__("numpy").asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    frames = reference_morph(pipe, *tensors, "a photo of an astronaut", "a photo of a cat", args.frames, args.steps,
+                             args.lora_steps)
+    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+if __name__ == "__main__":
+    main()

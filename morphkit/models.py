@@ -58,8 +58,20 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (Intel AMX or AVX512-BF16), where bf16 runs faster than fp32;
+    elsewhere torch emulates it, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`None`/"auto": bf16 on CUDA GPUs that support it, else fp16; fp32 on MPS and CPU. Or fp32, fp16, bf16."""
+    """`None`/"auto": bf16 on CUDA GPUs that support it, else fp16; fp32 on MPS and CPU. Or fp32, fp16, bf16
+    (bf16 on a CPU only where it computes bf16 natively: `cpu_has_native_bf16`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
@@ -68,8 +80,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in DTYPES:
         raise ConfigError(f"Unknown dtype {dtype!r}. Use auto, fp32, fp16 or bf16.")
-    if device.type == "cpu" and dtype != "fp32":
-        raise ConfigError(f"--dtype {dtype} is not supported on the CPU here; use fp32 (the default on CPU).")
+    if device.type == "cpu" and dtype == "fp16":
+        raise ConfigError("--dtype fp16 is not supported on the CPU; use fp32 (the default on CPU), or bf16 on a "
+                          "CPU with AMX or AVX512-BF16.")
+    if device.type == "cpu" and dtype == "bf16" and not cpu_has_native_bf16():
+        raise ConfigError("--dtype bf16 on this CPU would be emulated (it has neither AMX nor AVX512-BF16) and slower "
+                          "than fp32; use fp32 (the default on CPU).")
     return DTYPES[dtype]
 
 

@@ -12,7 +12,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`-n 2`, the README's command) each worker computes on one thread: two workers on two cores
+# run the suite in about 60 % of the time one process with two threads takes (small models are launch-bound).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,3 +64,20 @@ def unet_probe(unet, seed=0):
     emb = torch.randn((2, 77, unet.config.cross_attention_dim), generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([500, 20]), emb).sample
+
+
+def interrupted_training(monkeypatch, call: int):
+    """Make the `call`-th training loss of a run raise KeyboardInterrupt (a run killed mid-step); returns a
+    function that undoes it."""
+    from morphkit.train import loop
+
+    real, calls = loop.diffusion_loss, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "diffusion_loss", interrupted)
+    return lambda: monkeypatch.setattr(loop, "diffusion_loss", real)

@@ -528,3 +528,17 @@ def test_even_pacing_from_a_probe_pass_renders_each_frame_once_and_evens_the_mor
     linear = morphkit.morph(a, b, pacing="linear", **common)
     _, l2, _ = get_distance("l2", torch.device("cpu"))
     assert pdv(torch.tensor(result.distances)) < pdv(neighbour_distances(images_to_tensor(linear.frames), l2))
+
+
+def test_bf16_on_a_cpu_only_where_it_computes_it_natively(monkeypatch):
+    from morphkit import models
+
+    cpu = torch.device("cpu")
+    assert models.resolve_dtype(None, cpu) == torch.float32  # the default stays fp32
+    with pytest.raises(morphkit.ConfigError, match="fp16 is not supported on the CPU"):
+        models.resolve_dtype("fp16", cpu)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.resolve_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(morphkit.ConfigError, match="emulated"):
+        models.resolve_dtype("bf16", cpu)

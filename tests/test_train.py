@@ -9,12 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import morphkit
-from morphkit.train import loop as train_loop
 from morphkit.data import load_examples
 from morphkit.lora import load_lora, lora_state_dict
 from morphkit.lora_files import read_lora_file
 from morphkit.train import TrainSettings, diffusion_loss, draw_noise, encode_examples, fit_lora, fit_loras, lr_at, rng
-from tests.conftest import REPO, make_photo, unet_probe
+from tests.conftest import REPO, interrupted_training, make_photo, unet_probe
 
 STYLE = REPO / "dataset" / "style"
 
@@ -92,19 +91,10 @@ def test_interrupted_run_resumes_to_the_same_lora(photo, tmp_path, monkeypatch):
     common = dict(model="tiny", steps=20, learning_rate=1e-3, checkpointing_steps=8, progress=False)
     whole = morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "whole", **common)
 
-    calls = {"n": 0}
-    real_loss = train_loop.diffusion_loss
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 13:  # during step 13, after the checkpoint at step 8
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "diffusion_loss", interrupted)
+    undo = interrupted_training(monkeypatch, 13)  # during step 13, after the checkpoint at step 8
     with pytest.raises(KeyboardInterrupt):
         morphkit.train_lora(photo, "a photo", output_dir=tmp_path / "cut", **common)
-    monkeypatch.setattr(train_loop, "diffusion_loss", real_loss)
+    undo()
     assert not (tmp_path / "cut" / "photo.safetensors").exists()  # no half-finished LoRA
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000008"]
 

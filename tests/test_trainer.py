@@ -11,9 +11,8 @@ from safetensors.torch import load_file
 import morphkit
 from morphkit.data import load_examples
 from morphkit.train import TrainSettings, encode_examples, fit_lora
-from morphkit.train import loop as train_loop
 from morphkit.train.text import text_parts
-from tests.conftest import REPO, make_photo
+from tests.conftest import REPO, interrupted_training, make_photo
 from tests.test_train import fixed_loss
 
 STYLE = REPO / "dataset" / "style"
@@ -159,20 +158,12 @@ def test_resume_with_pivotal_tuning_and_prodigy_equals_an_unbroken_run(photo, tm
     common = dict(model="tiny", rank=4, steps=6, checkpointing_steps=2, progress=False, train_text_encoder_ti=True,
                   optimizer="prodigy", train_text_encoder_ti_frac=0.5)
     whole = morphkit.train_lora(photo, "a photo of TOK", output_dir=tmp_path / "whole", **common)
+    assert whole.embedding_path.is_file()
 
-    calls = {"n": 0}
-    real = train_loop.diffusion_loss
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # during step 4, after the checkpoint at step 2
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "diffusion_loss", interrupted)
+    undo = interrupted_training(monkeypatch, 4)  # during step 4, after the checkpoint at step 2
     with pytest.raises(KeyboardInterrupt):
         morphkit.train_lora(photo, "a photo of TOK", output_dir=tmp_path / "cut", **common)
-    monkeypatch.setattr(train_loop, "diffusion_loss", real)
+    undo()
     resumed = morphkit.train_lora(photo, "a photo of TOK", output_dir=tmp_path / "cut", resume=True, **common)
     assert resumed.resumed_from == 2
     for name in ("photo.safetensors", "photo_emb.safetensors"):

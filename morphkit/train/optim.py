@@ -16,8 +16,11 @@ def _precision(settings: TrainSettings, device: torch.device) -> torch.dtype:
     mode = settings.mixed_precision
     if mode == "auto":
         return resolve_dtype(None, device)
+    if mode == "bf16" and device.type == "cpu":
+        return resolve_dtype("bf16", device)  # where the CPU computes bf16 natively; a clear error elsewhere
     if mode != "no" and device.type != "cuda":
-        raise ConfigError(f"mixed_precision {mode} needs a CUDA GPU; on {device.type} use 'no' (fp32).")
+        raise ConfigError(f"--mixed-precision {mode} needs a CUDA GPU (bf16: or a CPU with AMX or AVX512-BF16); on "
+                          f"{device.type} use 'no' (fp32).")
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
 
 
