@@ -63,7 +63,7 @@ def quality(frames, pipe, images) -> dict:
     ends = []
     for frame, img in ((frames[0], images[0]), (frames[-1], images[1])):
         ref = decode_latents(pipe, encode_image(pipe, img.resize(frame.size))).clamp(-1, 1).float()
-        ends.append(round(float(psnr(to_tensor(frame)[None] * 2 - 1, ref, data_range=2.0)[0]), 2))
+        ends.append(round(float(psnr(to_tensor(frame), ref, data_range=2.0)[0]), 2))
     n = len(frames) - 1
     return {"end_psnr_db": ends, "ppl_l2": round(float(distances.sum() * n), 4), "pdv_l2": round(float(pdv(distances)), 4)}
 
@@ -84,7 +84,7 @@ def in_process(pipe, settings: dict, images) -> dict:
     ours_quality = quality(result.frames, pipe, images)
     for name in ("img0", "img1"):
         pipe.unet.delete_adapters(name)
-    tensors = [to_tensor(img)[None] * 2 - 1 for img in images]
+    tensors = [to_tensor(img) for img in images]
     start = time.perf_counter()
     frames = reference_morph(pipe, *tensors, *PROMPTS, settings["frames"], settings["steps"], settings["lora_steps"])
     theirs = time.perf_counter() - start
