@@ -328,7 +328,6 @@ def invert(
     """
     import time
 
-    from .families import family_of
     from .images import open_image, resize_to_policy, to_pil
     from .lora import adapter_weights
     from .models import DEFAULT_MODEL, decode_latents, encode_image, load_pipeline, stage_precision
@@ -368,15 +367,22 @@ def invert(
     decoded, round_trip = decode_latents(pipe, regenerated), decode_latents(pipe, z0)
     reconstruction = to_pil(decoded)[0]
     error, psnr_db = latent_error(regenerated, z0), image_psnr(decoded, round_trip)
-    settings = {"family": family_of(pipe).name, "prompt": prompt, "steps": steps, "inversion": inversion.key(),
-                "guidance": guidance, "negative_prompt": negative_prompt if guidance != 1.0 else "",
-                "model": str(model), "lora": str(lora or ""), "size": f"{img.width}x{img.height}",
-                "precision": precision}
+    settings = _recorded_settings(pipe, prompt, steps, inversion, guidance, negative_prompt, model, lora, img.size,
+                                  precision)
     report = {"latent_error": error, "psnr": psnr_db, "model_calls": calls[0], "seconds": seconds, **settings}
     if save:
         paths = _write_inversion(paths, noise, z0, reconstruction, settings, report, overwrite)
     return InversionResult(noise, z0, reconstruction, error, psnr_db, paths if save else {}, settings, calls[0],
                            seconds)
+
+
+def _recorded_settings(pipe, prompt, steps, inversion, guidance, negative_prompt, model, lora, size, precision) -> dict:
+    """What an inversion's report and file record of how it was made."""
+    from .families import family_of
+
+    return {"family": family_of(pipe).name, "prompt": prompt, "steps": steps, "inversion": inversion.key(),
+            "guidance": guidance, "negative_prompt": negative_prompt if guidance != 1.0 else "", "model": str(model),
+            "lora": str(lora or ""), "size": f"{size[0]}x{size[1]}", "precision": precision}
 
 
 def _conditioning(pipe, prompt: str, negative_prompt: str | None, size: tuple[int, int]):
