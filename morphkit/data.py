@@ -123,10 +123,11 @@ def inside(path: Path, folder: Path) -> bool:
     return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
-def data_hash(examples: list[Example]) -> str:
-    """A short hash of the training data: every image's bytes and every caption."""
+def data_hash(items: list[tuple[Path, list[str]]]) -> str:
+    """A short hash of the training data, given as (image file, captions) pairs: every image's bytes and every
+    caption (the images are not decoded)."""
     digest = hashlib.sha256()
-    for ex in examples:
-        digest.update(sha256_file(ex.path).encode())
-        digest.update(json.dumps(ex.captions).encode())
+    for path, captions in items:
+        digest.update(sha256_file(path).encode())
+        digest.update(json.dumps(captions).encode())
     return digest.hexdigest()[:16]

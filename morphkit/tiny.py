@@ -98,10 +98,14 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = TINY_SEED) -> Pat
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    controlnet = _tiny_controlnet(unet, seed + 3)
+    return save_tiny(folder, pipe, _tiny_controlnet(unet, seed + 3), f"{TINY_VERSION} seed={seed}")
+
+
+def save_tiny(folder: Path, pipe, controlnet, stamp: str) -> Path:
+    """Save a tiny model's pipeline, its ControlNet (in `controlnet/`) and the stamp that names what built it."""
     pipe.save_pretrained(folder)
     controlnet.save_pretrained(folder / "controlnet")
-    (folder / "MORPHKIT_TINY").write_text(f"{TINY_VERSION} seed={seed}\n")
+    (folder / "MORPHKIT_TINY").write_text(stamp + "\n")
     return folder
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import _tiny_controlnet, _tiny_text_encoder, _tiny_vae, _write_tokenizer, built_in_cache
+from .tiny import _tiny_controlnet, _tiny_text_encoder, _tiny_vae, _write_tokenizer, built_in_cache, save_tiny
 
 TINY_SDXL_NAME = "tiny-sdxl"
 TINY_SDXL_VERSION = "tiny-sdxl-v3"  # v3: the tokenizer without a gap in its ids (tiny-v2's)
@@ -50,11 +50,7 @@ def build_tiny_sdxl_pipeline(folder: str | os.PathLike, seed: int = TINY_SDXL_SE
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
                                      scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
                                      force_zeros_for_empty_prompt=True)
-    controlnet = _tiny_controlnet(unet, seed + 14)
-    pipe.save_pretrained(folder)
-    controlnet.save_pretrained(folder / "controlnet")
-    (folder / "MORPHKIT_TINY").write_text(f"{TINY_SDXL_VERSION} seed={seed}\n")
-    return folder
+    return save_tiny(folder, pipe, _tiny_controlnet(unet, seed + 14), f"{TINY_SDXL_VERSION} seed={seed}")
 
 
 def _tiny_text_encoder_2(tokenizer, vocab_size: int, seed: int):

@@ -195,17 +195,12 @@ def lora_from_peft_parts(parts: dict[str, tuple[dict[str, torch.Tensor], dict]])
     the part prefix) and each config `model.peft_config[adapter_name].to_dict()` (rank, alpha and patterns).
     Then `save_lora_file(path, lora, "kohya", family=SDXL, unet_config=pipe.unet.config)` or
     `kohya_state_dict(lora, SDXL, unet.config)`."""
-    from .reading import _group, build_update, diffusers_config
-
     tensors, header = {}, {}
     for part, (state, config) in parts.items():
         tensors.update({k if k.startswith(part + ".") else f"{part}.{k}": v.detach().float().cpu().contiguous()
                         for k, v in state.items()})
         header.update({f"{part}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
-    metadata = {DIFFUSERS_METADATA_KEY: json.dumps(header, default=str)}
-    configs = {part: diffusers_config("the adapter", metadata, part) for part in parts}
-    groups = _group("the adapter", tensors, "diffusers")
-    return LoraFile({n: build_update("the adapter", n, g, configs) for n, g in groups.items()})
+    return lora_from_peft(tensors, header)
 
 
 # ---------------------------------------------------------------------------------------------- headers

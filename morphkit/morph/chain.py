@@ -154,11 +154,12 @@ def pace_chain(segments: list[PreparedPair], first: Pass, distances: list[float]
 
 
 def render_chain(prepared: PreparedKeyframes, settings: MorphSettings | None = None, *,
-                 progress: bool = True) -> Rendered:
+                 progress: bool = True, distance=None) -> Rendered:
     """Every frame of the chain: a first pass with the frames shared out evenly, then (even pacing) `pace_chain`.
 
     `rendered.alphas` holds each frame's position (segment i at α: i + α), `rendered.keyframes` each keyframe's
-    frame index, `rendered.segments` each segment's number of steps.
+    frame index, `rendered.segments` each segment's number of steps. `distance`: even pacing's, from
+    `metrics.get_distance`, when the caller has built it already.
     """
     from ..metrics import get_distance, images_to_tensor, neighbour_distances
 
@@ -172,7 +173,9 @@ def render_chain(prepared: PreparedKeyframes, settings: MorphSettings | None = N
     unet = prepared.pipe.unet
     if settings.lora_blend == "factors" and prepared.adapters:
         factor_layers(unet, prepared.adapters)  # LoRAs of different ranks cannot blend by factors: say so now
-    distance = get_distance(settings.distance, unet.device) if settings.pacing == "even" else None
+    if distance is None and settings.pacing == "even":
+        distance = get_distance(settings.distance, unet.device)
+    distance = distance if settings.pacing == "even" else None
 
     def measure(frames):
         frames = frames + frames[:1] if settings.loop else frames  # a loop's last step goes back to the start

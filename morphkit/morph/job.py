@@ -115,11 +115,13 @@ def _render_decode(prepared: PreparedPair, alphas: torch.Tensor, settings: Morph
     return to_pil(check_finite(decode_latents(p.pipe, check_finite(latents, "rendering")), "decoding"))
 
 
-def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, *, progress: bool = True) -> Rendered:
+def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, *, progress: bool = True,
+                 distance=None) -> Rendered:
     """All frames of the morph: a first pass at evenly spaced α, then (even pacing) `pace`; or, with even pacing
     and `pacing_probe_steps`, a quick probe pass that `probe_pace` measures, then every frame once at its α.
 
     `settings` may differ from the prepared ones in render settings only (`prepared.matches(settings)`).
+    `distance`: even pacing's, from `metrics.get_distance`, when the caller has built it already.
     """
     from ..metrics import get_distance
 
@@ -130,7 +132,9 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
     unet = prepared.pipe.unet
     if settings.lora_blend == "factors" and prepared.adapters:
         factor_layers(unet, ADAPTERS)  # two LoRAs of different ranks cannot blend by factors: say so now
-    distance = get_distance(settings.distance, unet.device) if settings.paced else None
+    if distance is None and settings.paced:
+        distance = get_distance(settings.distance, unet.device)
+    distance = distance if settings.paced else None
     steps = attention_steps(settings.attn_lambda, settings.steps)
     keep = settings.paced or exact_ends_apart(prepared)  # a later pass reads the ends' inputs from the store
     attention = AttentionStore(steps, keep=keep) if settings.frames > 2 and steps else None

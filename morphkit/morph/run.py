@@ -29,15 +29,16 @@ def morph(image_a, image_b, settings: MorphSettings | None = None, *, config=Non
     if settings.loop:
         return morph_chain([image_a, image_b], settings, pipe=pipe, progress=progress)
     originals = check_pair(image_a, image_b, settings)
-    if settings.paced:  # a distance asked for by name that cannot run here fails now, not after the fit
-        get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
+    distance = None  # built now, so that a distance asked for by name that cannot run fails before the fit
+    if settings.paced:
+        distance = get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
     out = output_folder([image_a, image_b], settings)
 
     # 2. the pair: LoRAs and inversions (from the cache where it has them)
     prepared = prepare_pair(image_a, image_b, settings, pipe=pipe, progress=progress, originals=originals)
 
     # 3. the frames, evenly paced
-    rendered = render_morph(prepared, settings, progress=progress)
+    rendered = render_morph(prepared, settings, progress=progress, distance=distance)
 
     # 4. the files
     return finish(prepared, rendered, settings, out)
@@ -58,15 +59,16 @@ def morph_chain(images, settings: MorphSettings | None = None, *, config=None, p
         return morph(images[0], images[1], settings, pipe=pipe, progress=progress)
     originals = check_keyframes(images, settings)
     check_chain_frames(settings, len(images))
-    if settings.pacing == "even":  # a distance asked for by name that cannot run here fails now, not after the fit
-        get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
+    distance = None  # built now, so that a distance asked for by name that cannot run fails before the fit
+    if settings.pacing == "even":
+        distance = get_distance(settings.distance, pipe.unet.device if pipe is not None else resolve_device(settings.device))
     out = output_folder(images, settings)
 
     # 2. the keyframes: LoRAs and inversions (from the cache where it has them)
     prepared = prepare_keyframes(images, settings, pipe=pipe, progress=progress, originals=originals)
 
     # 3. the frames, evenly paced over the whole chain
-    rendered = render_chain(prepared, settings, progress=progress)
+    rendered = render_chain(prepared, settings, progress=progress, distance=distance)
 
     # 4. the files
     return finish(prepared, rendered, settings, out)

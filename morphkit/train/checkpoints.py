@@ -89,12 +89,21 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def load_checkpoint(path: Path, trainables, optimizer, scaler, fingerprint: str) -> dict:
+def refuse_other_run(path: Path, state: dict, fingerprint: str, trajectory: dict | None = None) -> None:
+    """Refuse to resume from a checkpoint made with other settings or data, naming the settings that changed."""
+    if state["fingerprint"] == fingerprint:
+        return
+    changed = changed_settings(state, trajectory) if trajectory is not None and state.get("trajectory") else []
+    named = f" (changed: {', '.join(changed)})" if changed else ""
+    raise ConfigError(f"The checkpoint {path} was made with other settings or other data than this run{named}. Resume "
+                      "with the same settings (only steps/epochs may change), or drop --resume and pass --overwrite to "
+                      "start afresh.")
+
+
+def load_checkpoint(path: Path, trainables, optimizer, scaler, fingerprint: str, trajectory: dict | None = None) -> dict:
     """Restore what trains, the optimizer and the scaler from a checkpoint; return its state (step, elapsed …)."""
     state = read_state(path)
-    if state["fingerprint"] != fingerprint:
-        raise ConfigError(f"The checkpoint {path} was made with other settings or other data than this run. Resume "
-                          "with the same settings (only steps/epochs may change), or pass --overwrite to start afresh.")
+    refuse_other_run(path, state, fingerprint, trajectory)
     trainables.load_state(load_file(str(path / "lora.safetensors")))
     device = trainables.unet[0].device
     optimizer.load_state_dict(join_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"],

@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from ..families import PromptEmbeds
 from ..progress import tqdm
-from .checkpoints import changed_settings, list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .draws import draw_batch, draw_noise, lr_at, rng, total_steps
 from .encoding import EncodedExample
 from .loss import diffusion_loss
@@ -89,14 +89,7 @@ def resume_from(checkpoint_dir: Path | None, resume: bool, trainables, optimizer
     """Load the newest checkpoint when resuming; its state ({} when starting afresh)."""
     if not (resume and checkpoint_dir and (found := list_checkpoints(checkpoint_dir))):
         return {}
-    state = read_state(found[-1])
-    if state["fingerprint"] != fingerprint:
-        changed = changed_settings(state, extras.trajectory)
-        named = f" ({', '.join(changed)})" if changed else ""
-        raise ConfigError(f"The checkpoint {found[-1]} was made with other settings or other data{named} than this run. "
-                          "Resume with the same settings (only steps/epochs may change), or pass --overwrite to "
-                          "start afresh.")
-    return load_checkpoint(found[-1], trainables, optimizer, scaler, fingerprint)
+    return load_checkpoint(found[-1], trainables, optimizer, scaler, fingerprint, extras.trajectory)
 
 
 def fit_lora(

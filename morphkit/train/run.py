@@ -30,7 +30,7 @@ from ..lora import check_targets, save_lora
 from ..lora_files import DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, tag_frequency
 from ..models import load_pipeline, resolve_device
 from ..processes import Processes
-from .checkpoints import list_checkpoints, read_state
+from .checkpoints import list_checkpoints, read_state, refuse_other_run
 from .encoding import encode_examples
 from .logs import TrainLog, check_tensorboard, trim_log
 from .loop import Extras, fit_lora
@@ -126,10 +126,9 @@ def plan_run(s: TrainSettings, lora_format: str, overwrite: bool, resume: bool) 
 
 
 def data_digest(plan: Plan, class_paths: list[Path]) -> str:
-    digest = data_hash(plan.examples)
-    if class_paths:
-        digest = data_hash([*plan.examples, *class_examples(class_paths, plan.settings)])
-    return digest
+    """The hash of what is trained on: the examples, and the class images with their prompt."""
+    items = [(ex.path, ex.captions) for ex in plan.examples]
+    return data_hash(items + [(p, [plan.settings.class_prompt]) for p in class_paths])
 
 
 def train_lora(
@@ -207,15 +206,9 @@ def train_lora(
 
 
 def check_resumable(plan: Plan, digest: str) -> None:
-    state = read_state(plan.found[-1])
-    if state["fingerprint"] != plan.settings.trajectory_hash(digest):
-        from .checkpoints import changed_settings
-
-        changed = changed_settings(state, plan.settings.trajectory(digest))
-        named = f" (changed: {', '.join(changed)})" if changed and state.get("trajectory") else ""
-        raise ConfigError(f"The checkpoints in {plan.checkpoints} were made with other settings or other data than this "
-                          f"run{named}. Resume with the same settings (only steps/epochs may change), or drop --resume "
-                          "and pass --overwrite to start afresh.")
+    """Before the model loads: the newest checkpoint must come from these settings and this data."""
+    newest = plan.found[-1]
+    refuse_other_run(newest, read_state(newest), plan.settings.trajectory_hash(digest), plan.settings.trajectory(digest))
 
 
 def fit_in_folder(pipe, plan: Plan, encoded, classes, digest: str, share: Share, overwrite: bool, resume: bool,
