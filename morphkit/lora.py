@@ -14,6 +14,7 @@ morphkit's own training record sits in the header under `morphkit.*` keys in bot
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -271,31 +272,111 @@ def check_targets(unet, targets) -> None:
 def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
     """Activate the named adapters, each at a weight: a float, or one weight per sample of the batch.
 
-    An empty dict runs the base model alone. Floats go through diffusers' `set_adapters` (the UNet's output is then the base plus the sum of
-    weight x LoRA update). A 1-D tensor gives every sample of the batch its own weight, so that frames
-    with different adapter blends render in one UNet call: each LoRA layer's scale is reshaped to
-    broadcast over the batch dimension of its input. With classifier-free guidance the batch is
-    doubled; pass the weights doubled too.
-    """
-    from peft.tuners.lora import LoraLayer
+    An empty dict runs the base model alone. Floats go through diffusers' `set_adapters` (the UNet's output is
+    then the base plus the sum of weight x LoRA update). A 1-D tensor gives every sample of the batch its own
+    weight, so that frames with different adapter blends render in one UNet call (and LoRAs of different images
+    train in one batch). With classifier-free guidance the batch is doubled; pass the weights doubled too.
 
+    Per-sample weights take one of two routes, the same sum either way. Where every LoRA layer of the named
+    adapters is a plain LoRA on a linear layer (what morphkit fits), PEFT's own LoRA path is switched off and
+    each layer adds all the adapters' updates in two matrix products (`fused_update`: the down factors stacked,
+    each sample's rows weighted, the up factors stacked), a third of PEFT's calls per layer. Otherwise each LoRA
+    layer's scale is reshaped to broadcast over the batch dimension of its input.
+    """
     if not weights:  # the base model alone, whatever adapters the UNet holds
-        if getattr(unet, "peft_config", None):
-            unet.disable_adapters()
-            try:
-                yield
-            finally:
-                unet.enable_adapters()
-        else:
+        with _adapters_off(unet):
             yield
         return
     names = list(weights)
     unet.set_adapters(names, [1.0 if torch.is_tensor(w) else float(w) for w in weights.values()])
     per_sample = {n: w for n, w in weights.items() if torch.is_tensor(w)}
+    if not per_sample:
+        yield
+        return
+    layers = _lora_layers(unet, names)
+    if all(_is_plain_linear(module, names) for module in layers):
+        with _fused_updates(unet, layers, weights):
+            yield
+        return
+    with _per_sample_scales(layers, per_sample):
+        yield
+
+
+@contextlib.contextmanager
+def _adapters_off(unet):
+    if getattr(unet, "peft_config", None):
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+    else:
+        yield
+
+
+def _lora_layers(unet, names) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in unet.modules() if isinstance(m, LoraLayer) and any(n in m.lora_A for n in names)]
+
+
+def _is_plain_linear(module, names) -> bool:
+    """A plain LoRA (no DoRA or other variant, no dropout) on an nn.Linear, for every named adapter it holds."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(module, LoraLinear) or getattr(module, "fan_in_fan_out", False):
+        return False
+    held = [n for n in names if n in module.lora_A]
+    return all(n not in getattr(module, "lora_variant", {}) and not module.use_dora.get(n, False)
+               and isinstance(module.lora_dropout[n], torch.nn.Identity) for n in held)
+
+
+def fused_update(x: torch.Tensor, downs: list, ups: list, scales: torch.Tensor) -> torch.Tensor:
+    """sum_k scales[:, k] * B_k A_k x, per sample, in two matrix products.
+
+    `x` is (S, ..., in); `downs` the A factors (r_k, in), `ups` the B factors (out, r_k), `scales` (S, K) each
+    sample's weight of each adapter (LoRA scale included). Returns (S, ..., out) in the factors' dtype.
+    """
+    x = x.to(downs[0].dtype)
+    columns = torch.cat([scales[:, k:k + 1].expand(-1, a.shape[0]) for k, a in enumerate(downs)], dim=1)
+    down = torch.nn.functional.linear(x, torch.cat(downs)) * columns.view(len(x), *[1] * (x.dim() - 2), -1)
+    return torch.nn.functional.linear(down, torch.cat(ups, dim=1))
+
+
+@contextlib.contextmanager
+def _fused_updates(unet, layers: list, weights: dict):
+    """PEFT's LoRA path off; each layer adds the weighted updates of `weights`' adapters by `fused_update`."""
+    hooks = []
+
+    def hook(module, args, output, held=()):
+        x = args[0]
+        columns = []
+        for n in held:  # `scaling` holds alpha / rank, times the weight of an adapter weighted by a float
+            w = weights[n]
+            if torch.is_tensor(w) and w.shape[0] != x.shape[0]:
+                raise ValueError(f"adapter weights for {w.shape[0]} samples, but the batch has {x.shape[0]}")
+            w = w.to(x.device, torch.float32) if torch.is_tensor(w) else torch.ones(x.shape[0], device=x.device)
+            columns.append(w * module.scaling[n])
+        delta = fused_update(x, [module.lora_A[n].weight for n in held], [module.lora_B[n].weight for n in held],
+                             torch.stack(columns, dim=1))
+        return (output + delta).to(output.dtype)  # added in fp32, rounded once, as PEFT does
+
+    for module in layers:
+        held = tuple(n for n in weights if n in module.lora_A)
+        hooks.append(module.register_forward_hook(functools.partial(hook, held=held)))
+    try:
+        with _adapters_off(unet):
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _per_sample_scales(layers: list, per_sample: dict):
+    """Each LoRA layer's scale of the per-sample adapters reshaped to broadcast over the batch (PEFT's path)."""
     hooks, saved = [], []
-    for module in unet.modules():
-        if not isinstance(module, LoraLayer) or not per_sample:
-            continue
+    for module in layers:
         scales = {n: module.scaling[n] for n in per_sample if n in module.scaling}
         saved.append((module, dict(module.scaling)))
 

@@ -186,6 +186,40 @@ def test_per_sample_adapter_weights_equal_set_adapters_per_frame(tiny_pipe):
             assert (batched[i] - single[0]).abs().max() < 1e-5
 
 
+def test_fused_per_sample_route_equals_peft_route_with_a_float_weighted_adapter_too(tiny_pipe, monkeypatch):
+    """Per-sample weights on plain LoRAs go through `lora.fused_update` with PEFT's own path off; the result is
+    PEFT's per-sample-scaled path, output and gradients alike, also with an adapter weighted by a float."""
+    import morphkit.lora as lora
+
+    unet = two_adapters(tiny_pipe).unet
+    g = torch.Generator().manual_seed(4)
+    x, emb, t = torch.randn((3, 4, 8, 8), generator=g), torch.randn((3, 77, 32), generator=g), torch.tensor([300] * 3)
+    weights = {"img0": torch.tensor([1.0, 0.3, 0.0]), "img1": 0.5}
+    params = [p for n, p in unet.named_parameters() if "lora_B.img0" in n]
+
+    def run():
+        layer = next(m for m in unet.modules() if hasattr(m, "lora_A") and "img0" in m.lora_A)
+        with adapter_weights(unet, weights):
+            for p in params:  # after activating, which freezes adapters (as `fit_loras` does)
+                p.requires_grad_(True)
+                p.grad = None
+            peft_off = layer.disable_adapters
+            out = unet(x, t, emb).sample
+        out.square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in params])
+        for p in params:
+            p.requires_grad_(False)
+        return out.detach(), grads, peft_off
+
+    fused, fused_grads, fused_off = run()
+    monkeypatch.setattr(lora, "_is_plain_linear", lambda module, names: False)
+    scaled, scaled_grads, scaled_off = run()
+    assert fused_off and not scaled_off  # each route taken
+    assert (fused - scaled).abs().max() < 1e-5
+    assert scaled_grads.abs().max() > 0
+    assert (fused_grads - scaled_grads).abs().max() <= 1e-5 * scaled_grads.abs().max()
+
+
 def test_both_images_inverted_in_one_batch_equal_each_inverted_alone(tiny_pipe):
     from morphkit.morph import invert_under_loras
 
