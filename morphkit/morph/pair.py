@@ -382,7 +382,7 @@ def invert_due(pipe, settings: MorphSettings, todo: list, latents, embeds, negat
     """Invert the images of `todo` ([(cache key, [image indices])]), up to `batch_size` (at least two) in one
     batch; each noise goes into `noises` and the cache."""
     names, labels = keyframe_adapters(len(noises)), keyframe_labels(len(noises))
-    size = max(2, settings.batch_size)
+    size = max(2, settings.frames_per_call(pipe.unet.device))
     for chunk in (todo[k:k + size] for k in range(0, len(todo), size)):
         sides = [images[0] for _, images in chunk]
         adapters = [None if settings.tuning_free else names[s] for s in sides]
