@@ -95,6 +95,21 @@ def test_the_round_trip_gets_closer_with_every_iteration(pipe):
     assert errors[0] > errors[1] > errors[2] and errors[2] < errors[0] / 10, errors
 
 
+def test_anderson_acceleration_closes_the_round_trip_better_in_the_same_calls(pipe):
+    """At few steps a step's fixed-point iteration converges slowly; Anderson acceleration over the last 3
+    iterates (the default) leaves less than half the round-trip error of plain iteration, in the same calls."""
+    z0 = encode_image(pipe, _photo_image())
+    model = eps_model(pipe.unet, encode_prompt(pipe, "a photo"))
+    schedule = ddim_schedule(pipe.scheduler.config, 8)
+    errors, calls = {}, {}
+    for history in (0, 3):
+        counting, calls[history] = counted(model)
+        noise = invert_fixed_point(counting, z0, schedule, iterations=6, tolerance=1e-6, history=history)
+        errors[history] = latent_error(sample_ddim(model, noise, schedule), z0)
+    assert calls[3][0] <= calls[0][0]
+    assert errors[3] < errors[0] / 2, errors
+
+
 def test_early_stop_saves_calls_and_tolerance_zero_runs_them_all(pipe):
     z0 = encode_image(pipe, _photo_image())
     model = eps_model(pipe.unet, encode_prompt(pipe, "a photo"))
