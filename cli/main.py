@@ -58,7 +58,8 @@ def invert(
         "inexact (24 to 50 % latent error on the tiny model at 50 steps, against at most 5e-5)."
     )),
     inversion_iterations: Optional[int] = typer.Option(None, "--inversion-iterations", help=(
-        "Most fixed-point iterations per inversion step (one UNet call each, after the plain DDIM guess). "
+        "Most fixed-point iterations per inversion step, Anderson-accelerated (one UNet call each, after the call at "
+        "the plain DDIM guess). "
         "[default: 10]"
     )),
     inversion_tolerance: Optional[float] = typer.Option(None, "--inversion-tolerance", help=(

@@ -75,3 +75,12 @@ def test_settings_from_a_config_file_with_flags_on_top(tmp_path):
         with pytest.raises(morphkit.ConfigError, match=words):
             MorphSettings(**bad).validate()
     assert set(MorphSettings.field_names("render")) >= {"frames", "attn_lambda", "adain", "lora_blend", "pacing"}
+
+
+def test_frames_per_call_follow_the_device_unless_given():
+    assert MorphSettings().frames_per_call("cpu") == 16  # the launch-bound CPU: a default morph in one batch
+    assert MorphSettings().frames_per_call("cuda:0") == 8
+    assert MorphSettings(batch_size=3).frames_per_call("cpu") == MorphSettings(batch_size=3).frames_per_call("cuda") == 3
+    for bad in (0, 2.5, True):
+        with pytest.raises(morphkit.ConfigError, match="--batch-size"):
+            MorphSettings(batch_size=bad).validate()
