@@ -195,12 +195,18 @@ def lora_from_peft_parts(parts: dict[str, tuple[dict[str, torch.Tensor], dict]])
     the part prefix) and each config `model.peft_config[adapter_name].to_dict()` (rank, alpha and patterns).
     Then `save_lora_file(path, lora, "kohya", family=SDXL, unet_config=pipe.unet.config)` or
     `kohya_state_dict(lora, SDXL, unet.config)`."""
+    return lora_from_peft(*prefixed_peft_state(parts))
+
+
+def prefixed_peft_state(parts: dict[str, tuple[dict[str, torch.Tensor], dict]]) -> tuple[dict, dict]:
+    """The PEFT state dicts and configs of several model parts (as `lora_from_peft_parts` takes them) as one state
+    dict and one config with diffusers' part prefixes (`unet.`, `text_encoder.`, ...): fp32 tensors on the CPU."""
     tensors, header = {}, {}
     for part, (state, config) in parts.items():
         tensors.update({k if k.startswith(part + ".") else f"{part}.{k}": v.detach().float().cpu().contiguous()
                         for k, v in state.items()})
         header.update({f"{part}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
-    return lora_from_peft(tensors, header)
+    return tensors, header
 
 
 # ---------------------------------------------------------------------------------------------- headers

@@ -259,15 +259,13 @@ def trained_lora(trainables: Trainables) -> tuple[dict, dict]:
     """The trained LoRA tensors with diffusers' part prefixes (`unet.`, `text_encoder.`, …) and their PEFT configs."""
     from peft.utils import get_peft_model_state_dict
 
-    state, config = {}, {}
+    from ..lora_files.writing import prefixed_peft_state
+
+    name = trainables.adapter_name
     models = [("unet", trainables.unet_model)] + [(p.name, p.encoder) for p in trainables.parts
                                                    if p.name in trainables.text_lora]
-    for part, model in models:
-        tensors = get_peft_model_state_dict(model, adapter_name=trainables.adapter_name)
-        state.update({f"{part}.{k}": v.detach().float().cpu().contiguous() for k, v in tensors.items()})
-        peft = model.peft_config[trainables.adapter_name].to_dict()
-        config.update({f"{part}.{k}": sorted(v) if isinstance(v, set) else v for k, v in peft.items()})
-    return state, config
+    return prefixed_peft_state({part: (get_peft_model_state_dict(model, adapter_name=name),
+                                       model.peft_config[name].to_dict()) for part, model in models})
 
 
 def settle(s: TrainSettings, pipe, examples) -> TrainSettings:
