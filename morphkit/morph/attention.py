@@ -4,7 +4,8 @@ The end frames (α = 0 and 1) render first, and the inputs of their self-attenti
 kept for the first λ of the steps; during those steps an in-between frame's self-attention takes its keys and
 values from the interpolation of the two ends' inputs (by its own α), computed through the layer's own to_k /
 to_v so that the frame's LoRA blend applies. The ends render in the first batch, and a batch that holds them
-uses their inputs directly; inputs are kept (fp16) only for later batches or a later pacing pass.
+uses their inputs directly, in tensor operations alone (`_AttentionRun.mixed_inputs`: a compiled UNet keeps it in
+its graphs); inputs are kept (fp16) only for later batches, or a later pass that does not render the ends along.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class _AttentionRun:
     inner: torch.Tensor | None = None  # rows of the in-between frames
     group: torch.Tensor | None = None  # of each in-between row: 0, or 0/1 for the [negative, positive] halves
     alpha: torch.Tensor | None = None  # of each in-between row, (rows, 1, 1)
+    in_batch: bool = False  # both ends and an in-between frame in this batch, nothing to record: tensors alone
+    gate: torch.Tensor | None = None  # 1 during the interpolated steps, 0 after (a tensor: no guard on the step)
+    gates: tuple = ()  # the two values of `gate`, on the batch's device
 
     def set_batch(self, alphas: torch.Tensor, groups: int, device):
         """The roles in a UNet batch of `groups` halves of the frames at `alphas` (the guided batch is doubled)."""
@@ -95,6 +99,15 @@ class _AttentionRun:
         inner = ((alphas > 0) & (alphas < 1)).nonzero().flatten()
         self.inner, self.group = inner.to(device), group[inner].to(device)
         self.alpha = alphas[inner].float().view(-1, 1, 1).to(device)
+        self.in_batch = bool(len(inner)) and all(len(rows) for rows in self.end_rows) and not self.record
+        self.gates = (torch.ones((), device=device), torch.zeros((), device=device))
+        self.set_step(self.step)
+
+    def set_step(self, step: int):
+        """The sampling step about to run (set outside the UNet call, so that compiled graphs never see it)."""
+        self.step = step
+        if self.gates:
+            self.gate = self.gates[0 if step < self.store.steps else 1]
 
     def __post_init__(self):
         # The step and the store are Python state: under torch.compile they must stay out of the graphs (no
@@ -102,6 +115,15 @@ class _AttentionRun:
         # without it nothing is disabled, and importing dynamo (about 2 s) is not paid by every morph.
         if "torch._dynamo" in sys.modules:
             self.interpolated_inputs = torch.compiler.disable(self.interpolated_inputs)
+
+    def mixed_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`key_value_inputs` for a batch that holds both ends (`in_batch`), in tensor operations alone, so that a
+        compiled UNet runs it inside its graphs: the interpolated inputs during the interpolated steps (`gate` 1),
+        the layer's own inputs after them (plain self-attention)."""
+        s0, s1 = (hidden[rows].to(self.store.dtype) for rows in self.end_rows)
+        mixed = (1 - self.alpha) * s0[self.group].float() + self.alpha * s1[self.group].float()
+        out = hidden.index_put((self.inner,), mixed.to(hidden.dtype))
+        return torch.where(self.gate.bool(), out, hidden)
 
     def interpolated_inputs(self, layer: str, hidden: torch.Tensor) -> torch.Tensor | None:
         """`key_value_inputs` during the interpolated steps; None (plain self-attention) after them."""
@@ -140,7 +162,10 @@ class InterpolatedSelfAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None and hidden_states.dim() == 3:
-            encoder_hidden_states = self.run.interpolated_inputs(self.name, hidden_states)
+            if self.run.in_batch:
+                encoder_hidden_states = self.run.mixed_inputs(hidden_states)
+            else:
+                encoder_hidden_states = self.run.interpolated_inputs(self.name, hidden_states)
         if temb is not None:
             kwargs["temb"] = temb
         return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,

@@ -101,6 +101,15 @@ def render_alphas(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphS
     return frames
 
 
+def ends_along(prepared: PreparedPair, settings: MorphSettings) -> bool:
+    """Whether even pacing's second pass renders the end frames again with the moved ones (and throws them away):
+    when all frames fit one UNet call (`frames_per_call`) and the ends render in the model's own precision. Then
+    no pass needs the ends' self-attention inputs kept, every batch interpolates from its own rows, and a
+    compiled UNet runs the interpolation inside its graphs; on a launch-bound CPU the two extra rows cost next to
+    nothing."""
+    return settings.frames <= settings.frames_per_call(prepared.pipe.unet.device) and not exact_ends_apart(prepared)
+
+
 def exact_ends_apart(prepared: PreparedPair) -> bool:
     """Whether the end frames render apart from the others, in fp32 (`fp32_ends` on a lower-precision model)."""
     return prepared.settings.fp32_ends and module_precision(prepared.pipe.unet) != "fp32"
@@ -136,7 +145,8 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
         distance = get_distance(settings.distance, unet.device)
     distance = distance if settings.paced else None
     steps = attention_steps(settings.attn_lambda, settings.steps)
-    keep = settings.paced or exact_ends_apart(prepared)  # a later pass reads the ends' inputs from the store
+    # a later pass reads the ends' self-attention inputs from the store, unless it renders the ends along
+    keep = exact_ends_apart(prepared) or (settings.paced and not ends_along(prepared, settings))
     attention = AttentionStore(steps, keep=keep) if settings.frames > 2 and steps else None
     stages = Stages(unet.device)
     stages.begin()
@@ -215,11 +225,15 @@ def pace(prepared: PreparedPair, rendered: Rendered, settings: MorphSettings, di
     rerendered = moved.nonzero().flatten().tolist()
     distances = first
     if rerendered:
+        ends = (target == 0) | (target == 1)
+        rows = moved | ends if ends_along(prepared, settings) else moved
         if bar is not None:
-            bar.total += len(rerendered)
+            bar.total += int(rows.sum())
             bar.refresh()
-        for i, picture in zip(rerendered, render_alphas(prepared, target[moved], settings, attention, bar)):
-            frames[i] = picture
+        for i, picture in zip(rows.nonzero().flatten().tolist(), render_alphas(prepared, target[rows], settings,
+                                                                               attention, bar)):
+            if moved[i]:
+                frames[i] = picture
         alphas = torch.where(moved, target, alphas)
         distances = neighbour_distances(images_to_tensor(frames), distance_fn)
     return Rendered(frames, alphas.tolist(), rendered.first_alphas, [float(d) for d in first],

@@ -73,7 +73,7 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
 
 def _tracking_steps(model, run: _AttentionRun, step_of: dict):
     def tracked(x, t):
-        run.step = step_of[int(t)]
+        run.set_step(step_of[int(t)])
         return model(x, t)
 
     return tracked
