@@ -1,6 +1,8 @@
+import functools
 import math
 
 import imageio.v2 as imageio
+
 import numpy as np
 import pytest
 import torch
@@ -383,7 +385,7 @@ def test_second_run_hits_the_cache_and_a_changed_image_misses(pair, tmp_path, mo
     assert not fourth.cache_hits["lora_a"]  # a changed setting never reuses a stale entry
 
 
-def test_morph_refinements_end_to_end(pair, tmp_path):
+def test_morph_refinements_end_to_end(pair, tmp_path, monkeypatch):
     """One set of LoRAs and inversions (cached), four morphs: plain, + attention, + AdaIN, + even pacing."""
     common = dict(FAST, frames=7, formats=(), cache_dir=tmp_path / "cache", prompt="a photo")
     plain = morphkit.morph(*pair, attn_lambda=0, adain=False, pacing="linear", **common)
@@ -401,17 +403,25 @@ def test_morph_refinements_end_to_end(pair, tmp_path):
     assert np.allclose(even.first_distances, measured.numpy())  # the first pass is the linear morph
     assert pdv(torch.tensor(even.distances)) < pdv(measured)
     assert 0 < len(even.rerendered) < 7 and 0 not in even.rerendered and 6 not in even.rerendered
-    assert even.attention_bytes == 0  # all 7 frames fit one call: the second pass renders the ends along
+    assert even.attention_bytes > 0  # eager: the ends' inputs are kept for the second pass
     for i in set(range(7)) - set(even.rerendered):
         assert np.array_equal(np.asarray(even.frames[i]), np.asarray(linear.frames[i]))
         assert even.alphas[i] == linear.alphas[i]
     assert even.alphas[0] == 0 and even.alphas[-1] == 1 and all(np.diff(even.alphas) > 0)
 
-    # Frames that do not fit one call keep the ends' inputs for the second pass instead; the same frames result.
-    kept = morphkit.morph(*pair, **{**common, "batch_size": 4})
-    assert kept.attention_bytes > 0 and kept.rerendered == even.rerendered and np.allclose(kept.alphas, even.alphas)
+
+    # Compiled, with all 7 frames in one call, the second pass renders the ends along instead: nothing kept, the
+    # same frames (dynamo's eager backend: the graphs without inductor's code generation).
+    from morphkit.morph import job
+
+    with monkeypatch.context() as m:
+        m.setattr(job, "compiled", functools.partial(job.compiled, backend="eager"))
+        along = morphkit.morph(*pair, **{**common, "compile_unet": True})
+    torch._dynamo.reset()
+    assert along.attention_bytes == 0 and along.rerendered == even.rerendered
+    assert np.allclose(along.alphas, even.alphas)
     assert all(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 2
-               for a, b in zip(kept.frames, even.frames))
+               for a, b in zip(along.frames, even.frames))
 
 
 def test_same_image_twice(pair, tmp_path):

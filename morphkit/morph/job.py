@@ -103,11 +103,12 @@ def render_alphas(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphS
 
 def ends_along(prepared: PreparedPair, settings: MorphSettings) -> bool:
     """Whether even pacing's second pass renders the end frames again with the moved ones (and throws them away):
-    when all frames fit one UNet call (`frames_per_call`) and the ends render in the model's own precision. Then
-    no pass needs the ends' self-attention inputs kept, every batch interpolates from its own rows, and a
-    compiled UNet runs the interpolation inside its graphs; on a launch-bound CPU the two extra rows cost next to
-    nothing."""
-    return settings.frames <= settings.frames_per_call(prepared.pipe.unet.device) and not exact_ends_apart(prepared)
+    under `compile_unet`, when all frames fit one UNet call (`frames_per_call`) and the ends render in the model's
+    own precision. Then no pass needs the ends' self-attention inputs kept, every batch interpolates from its own
+    rows, and the compiled UNet runs the whole render as one graph. Eager, the two extra rows would only cost
+    time (a full-size UNet on a CPU pays per row), so the ends' inputs are kept instead."""
+    return (settings.compile_unet and settings.frames <= settings.frames_per_call(prepared.pipe.unet.device)
+            and not exact_ends_apart(prepared))
 
 
 def exact_ends_apart(prepared: PreparedPair) -> bool:
