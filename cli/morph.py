@@ -54,7 +54,7 @@ HELP = {  # the longer help texts, apart, so that the command's signature reads 
     "compile_unet": (
         "Render through torch.compile. The first run waits for the compiler (a minute or more on a cold cache; "
         "torch keeps compiled graphs on disk for later runs), then rendering is faster (the tiny morph's render: "
-        "4.6 s against 7.5 s eager on one CPU thread). Worth it for long renders and repeated runs; measured figures "
+        "4.8 s against 6.7 s eager on one CPU thread). Worth it for long renders and repeated runs; measured figures "
         "in benchmarks/README.md."
     ),
     "tuning_free": (
