@@ -119,8 +119,9 @@ def exact_ends_apart(prepared: PreparedPair) -> bool:
 def _render_decode(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
                    attention: AttentionStore | None, bar, schedule=None) -> list[Image.Image]:
     p = prepared
+    per_call = settings.frames_per_call(p.pipe.unet.device)
     latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, schedule or p.schedule,
-                            p.settings.guidance, p.negative, settings.frames_per_call(p.pipe.unet.device), p.adapters, progress=bar,
+                            p.settings.guidance, p.negative, per_call, p.adapters, progress=bar,
                             adain=settings.adain, blend=settings.lora_blend, attention=attention)
     return to_pil(check_finite(decode_latents(p.pipe, check_finite(latents, "rendering")), "decoding"))
 
