@@ -109,8 +109,8 @@ def invert_ddim(model: Model, x: torch.Tensor, schedule: DDIMSchedule, callback=
 
 @torch.no_grad()
 def invert_fixed_point(model: Model, x: torch.Tensor, schedule: DDIMSchedule, iterations: int = 10,
-                       tolerance: float = 1e-5, history: int = 3, callback=None, disable: bool = True,
-                       desc: str = "inverting") -> torch.Tensor:
+                       tolerance: float = 1e-5, callback=None, disable: bool = True, desc: str = "inverting", *,
+                       history: int = 3) -> torch.Tensor:
     """Exact DDIM inversion: each step solves the implicit DDIM equation by accelerated fixed-point iteration.
 
     Sampling step i maps x_t to x_prev = ddim_step(x_t, eps(x_t, t)); inverting it means finding the x_t
@@ -122,6 +122,7 @@ def invert_fixed_point(model: Model, x: torch.Tensor, schedule: DDIMSchedule, it
     acceleration over the last `history` iterates (0: plain iteration), each sample stopping as soon as its
     residual ||g(z) - z|| / ||z|| is below `tolerance`. So a batch gives what inverting each sample alone gives.
     """
+    Inversion(iterations=iterations, tolerance=tolerance, history=history).check()
     eps = None
     for i in tqdm(reversed(range(len(schedule))), total=len(schedule), disable=disable, desc=desc, leave=False):
         t, alpha_from, alpha_to = schedule.timesteps[i], schedule.alphas_prev[i], schedule.alphas[i]
@@ -159,7 +160,7 @@ def solve_fixed_point(step_map, z: torch.Tensor, calls: int, tolerance: float, h
         best = g if best is None else torch.where(_per_sample(better, g), g, best)
         best_extra = extra if best_extra is None else torch.where(_per_sample(better, extra), extra, best_extra)
         best_residual = torch.where(better, residual, best_residual)
-        active &= residual >= tolerance
+        active &= ~(residual < tolerance)  # a NaN residual is not convergence
         if not active.any() or call == calls - 1:
             break
         z = torch.where(_per_sample(active, z), anderson(zs, gs, z, g, history), z)
@@ -180,11 +181,10 @@ def anderson(zs: list, gs: list, z: torch.Tensor, g: torch.Tensor, history: int)
     gram = d_f.mT @ d_f
     ridge = 1e-10 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)
     gram = gram + ridge[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    gamma = torch.linalg.solve(gram, d_f.mT @ f[-1][..., None])  # min || f - dF gamma ||
+    gamma, info = torch.linalg.solve_ex(gram, d_f.mT @ f[-1][..., None])  # min || f - dF gamma ||
     nxt = gs[-1] - (d_g @ gamma)[..., 0]
-    if not torch.isfinite(nxt).all():
-        return g
-    return nxt.view_as(z).to(z.dtype)
+    usable = torch.isfinite(nxt).all(dim=1, keepdim=True) & (info == 0).view(-1, 1)
+    return torch.where(usable, nxt, gs[-1]).view_as(z).to(z.dtype)  # plain g(z) for a sample whose solve failed
 
 
 def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -258,7 +258,7 @@ class Inversion:
         if self.method == "ddim":
             return "plain DDIM"
         return (f"fixed-point (at most {self.iterations} iterations per step, tolerance {self.tolerance:g}, Anderson "
-                f"acceleration over {self.history} iterates)" if self.history else
+                f"acceleration, history {self.history})" if self.history else
                 f"fixed-point (at most {self.iterations} iterations per step, tolerance {self.tolerance:g})")
 
 
@@ -268,8 +268,8 @@ def invert_latents(model: Model, x: torch.Tensor, schedule: DDIMSchedule, invers
     inversion.check()
     if inversion.method == "ddim":
         return invert_ddim(model, x, schedule, callback=callback, disable=disable, desc=desc)
-    return invert_fixed_point(model, x, schedule, inversion.iterations, inversion.tolerance, inversion.history,
-                              callback=callback, disable=disable, desc=desc)
+    return invert_fixed_point(model, x, schedule, inversion.iterations, inversion.tolerance, callback=callback,
+                              disable=disable, desc=desc, history=inversion.history)
 
 
 def eps_model(unet, embeds, negative=None, guidance: float = 1.0, prediction_type: str = "epsilon",

@@ -328,6 +328,7 @@ def _is_plain_linear(module, names) -> bool:
         return False
     held = [n for n in names if n in module.lora_A]
     return all(n not in getattr(module, "lora_variant", {}) and not module.use_dora.get(n, False)
+               and not getattr(module, "lora_bias", {}).get(n, False)
                and isinstance(module.lora_dropout[n], torch.nn.Identity) for n in held)
 
 
@@ -337,10 +338,12 @@ def fused_update(x: torch.Tensor, downs: list, ups: list, scales: torch.Tensor) 
     `x` is (S, ..., in); `downs` the A factors (r_k, in), `ups` the B factors (out, r_k), `scales` (S, K) each
     sample's weight of each adapter (LoRA scale included). Returns (S, ..., out) in the factors' dtype.
     """
-    x = x.to(downs[0].dtype)
-    columns = torch.cat([scales[:, k:k + 1].expand(-1, a.shape[0]) for k, a in enumerate(downs)], dim=1)
-    down = torch.nn.functional.linear(x, torch.cat(downs)) * columns.view(len(x), *[1] * (x.dim() - 2), -1)
-    return torch.nn.functional.linear(down, torch.cat(ups, dim=1))
+    dtype = downs[0].dtype
+    x = x.to(dtype)
+    columns = torch.cat([scales[:, k:k + 1].expand(-1, a.shape[0]) for k, a in enumerate(downs)], dim=1).to(dtype)
+    down = torch.nn.functional.linear(x, torch.cat([a.to(dtype) for a in downs]))
+    down = down * columns.view(len(x), *[1] * (x.dim() - 2), -1)
+    return torch.nn.functional.linear(down, torch.cat([b.to(dtype) for b in ups], dim=1))
 
 
 @contextlib.contextmanager

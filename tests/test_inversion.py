@@ -110,6 +110,30 @@ def test_anderson_acceleration_closes_the_round_trip_better_in_the_same_calls(pi
     assert errors[3] < errors[0] / 2, errors
 
 
+def test_a_sample_whose_step_blows_up_once_leaves_the_other_as_it_would_be_alone():
+    """Anderson's least squares and its fallback are per sample: an inf in one sample's map changes nothing for
+    another sample of the batch, and the blown-up sample still ends at its best finite iterate."""
+    from morphkit.inversion import solve_fixed_point
+
+    g = torch.Generator().manual_seed(0)
+    a = 0.9 * torch.eye(16, dtype=torch.float64) + 0.05 * torch.randn((16, 16), generator=g, dtype=torch.float64)
+    b = torch.randn((2, 16), generator=g, dtype=torch.float64)  # float64 throughout: no rounding to tell apart
+    calls = [0]
+
+    def step_map(z):
+        calls[0] += 1
+        out = z @ a.T + b[:len(z)]
+        if len(z) == 2 and calls[0] == 3:
+            out[1] = float("inf")
+        return out, z
+
+    zeros = torch.zeros((2, 16), dtype=torch.float64)
+    alone, _, _ = solve_fixed_point(lambda z: (z @ a.T + b[:1], z), zeros[:1], 12, 0.0, 3)
+    together, _, runs = solve_fixed_point(step_map, zeros, 12, 0.0, 3)
+    assert torch.allclose(together[0], alone[0], atol=1e-9, rtol=0)
+    assert torch.isfinite(together).all() and runs.tolist() == [12, 12]
+
+
 def test_early_stop_saves_calls_and_tolerance_zero_runs_them_all(pipe):
     z0 = encode_image(pipe, _photo_image())
     model = eps_model(pipe.unet, encode_prompt(pipe, "a photo"))

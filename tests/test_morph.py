@@ -222,6 +222,21 @@ def test_fused_per_sample_route_equals_peft_route_with_a_float_weighted_adapter_
     assert (fused_grads - scaled_grads).abs().max() <= 1e-5 * scaled_grads.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_update_is_the_weighted_sum_of_the_updates_in_the_factors_dtype(dtype):
+    from morphkit.lora import fused_update
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn((3, 5, 8), generator=g)
+    downs = [torch.randn((4, 8), generator=g).to(dtype), torch.randn((2, 8), generator=g).to(dtype)]  # ranks 4, 2
+    ups = [torch.randn((6, 4), generator=g).to(dtype), torch.randn((6, 2), generator=g).to(dtype)]
+    scales = torch.tensor([[1.0, 0.0], [0.25, 0.75], [0.0, 2.0]])
+    out = fused_update(x, downs, ups, scales)
+    expected = sum(scales[:, k].view(-1, 1, 1) * (x @ downs[k].float().T @ ups[k].float().T) for k in range(2))
+    assert out.dtype == dtype and out.shape == (3, 5, 6)
+    assert (out.float() - expected).abs().max() <= (1e-5 if dtype == torch.float32 else 0.1) * expected.abs().max()
+
+
 def test_both_images_inverted_in_one_batch_equal_each_inverted_alone(tiny_pipe):
     from morphkit.morph import invert_under_loras
 

@@ -228,7 +228,7 @@ def pace(prepared: PreparedPair, rendered: Rendered, settings: MorphSettings, di
     distances = first
     if rerendered:
         ends = (target == 0) | (target == 1)
-        rows = moved | ends if ends_along(prepared, settings) else moved
+        rows = moved | ends if attention is not None and ends_along(prepared, settings) else moved
         if bar is not None:
             bar.total += int(rows.sum())
             bar.refresh()
