@@ -591,6 +591,7 @@ def test_even_pacing_from_a_probe_pass_renders_each_frame_once_and_evens_the_mor
                   distance="l2", progress=False)
     result = morphkit.morph(a, b, pacing_probe_steps=5, **common)
     assert result.probe_steps == 5 and result.rerendered == [] and len(result.frames) == 8
+    assert result.attention_bytes == 0  # one call renders every frame, ends included: nothing kept for later
     assert result.alphas[0] == 0 and result.alphas[-1] == 1 and result.alphas == sorted(result.alphas)
     linear = morphkit.morph(a, b, pacing="linear", **common)
     _, l2, _ = get_distance("l2", torch.device("cpu"))

@@ -147,8 +147,10 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
         distance = get_distance(settings.distance, unet.device)
     distance = distance if settings.paced else None
     steps = attention_steps(settings.attn_lambda, settings.steps)
-    # a later pass reads the ends' self-attention inputs from the store, unless it renders the ends along
-    keep = exact_ends_apart(prepared) or (settings.paced and not ends_along(prepared, settings))
+    # a later call reads the ends' self-attention inputs from the store: the in-between frames' own call when the
+    # ends render apart, or even pacing's second pass, unless it renders the ends along (a probe's final pass does)
+    second_pass = settings.paced and not settings.pacing_probe_steps
+    keep = exact_ends_apart(prepared) or (second_pass and not ends_along(prepared, settings))
     attention = AttentionStore(steps, keep=keep) if settings.frames > 2 and steps else None
     stages = Stages(unet.device)
     stages.begin()
