@@ -10,7 +10,9 @@ reversed timesteps.
 
 Two inversions: `invert_ddim`, the usual one-evaluation approximation, and `invert_fixed_point`,
 which solves each step's implicit equation so that `sample_ddim` maps the noise back onto the latent
-(to fp32 rounding). `Inversion` names one of them with its settings, and `invert_latents` runs it.
+(to the solve's tolerance). `Inversion` names one of them with its settings, and `invert_latents` runs it.
+`invert_exact` also returns each step's remaining residual as a correction: sampling with them lands on the
+latent to fp32 rounding, however far the solve got.
 """
 
 from __future__ import annotations
@@ -81,11 +83,17 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from, alpha_to) -> torch
 
 @torch.no_grad()
 def sample_ddim(model: Model, x: torch.Tensor, schedule: DDIMSchedule, callback=None, disable: bool = True,
-                desc: str = "sampling") -> torch.Tensor:
-    """Deterministic DDIM sampling (eta = 0) from noise `x` to a clean latent."""
+                desc: str = "sampling", corrections: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic DDIM sampling (eta = 0) from noise `x` to a clean latent.
+
+    `corrections` (steps, *x.shape), where given, is added after each step: `invert_exact`'s, which put the
+    sample back onto the inversion's path, so that the noise comes back exactly as the latent it was inverted from.
+    """
     for i in tqdm(range(len(schedule)), disable=disable, desc=desc, leave=False):
         eps = model(x, schedule.timesteps[i])
         x = ddim_step(x, eps, schedule.alphas[i], schedule.alphas_prev[i])
+        if corrections is not None:
+            x = x + corrections[i].to(x.device, x.dtype)
         if callback is not None:
             callback({"i": i, "t": schedule.timesteps[i], "x": x, "eps": eps})
     return x
@@ -121,6 +129,10 @@ def invert_fixed_point(model: Model, x: torch.Tensor, schedule: DDIMSchedule, it
     step starts at x_prev itself) and runs `solve_fixed_point`: at most 1 + `iterations` model calls, Anderson
     acceleration over the last `history` iterates (0: plain iteration), each sample stopping as soon as its
     residual ||g(z) - z|| / ||z|| is below `tolerance`. So a batch gives what inverting each sample alone gives.
+
+    Each step keeps the iterate with the lowest residual, whose eps is known, so `callback` also gets the step's
+    "correction": what sampling from it must add to land on x_prev exactly (its residual, scaled; see
+    `invert_exact`).
     """
     Inversion(iterations=iterations, tolerance=tolerance, history=history).check()
     eps = None
@@ -132,9 +144,11 @@ def invert_fixed_point(model: Model, x: torch.Tensor, schedule: DDIMSchedule, it
             e = model(z, t)
             return ddim_step(x, e, alpha_from, alpha_to), e
 
-        x, eps, runs = solve_fixed_point(step_map, start, 1 + iterations, tolerance, history)
+        z, eps, runs = solve_fixed_point(step_map, start, 1 + iterations, tolerance, history)
+        correction = x - ddim_step(z, eps, alpha_to, alpha_from)  # sampling's step from z, and where it must land
+        x = z
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "iterations": runs - 1})
+            callback({"i": i, "t": t, "x": x, "iterations": runs - 1, "correction": correction})
     return x
 
 
@@ -142,9 +156,9 @@ def solve_fixed_point(step_map, z: torch.Tensor, calls: int, tolerance: float, h
     """Solve z = g(z) sample by sample, where `step_map(z)` returns (g(z), extra), in at most `calls` calls.
 
     Anderson acceleration (type II, the last `history` differences, least squares in float64) picks each next
-    iterate; a sample stops once ||g(z) - z|| / ||z|| is below `tolerance`. Returns, per sample, the g(z) of the
-    iterate with the lowest residual (the safeguard where a step converges slowly or not at all), its `extra`
-    (the eps it was made with), and how many calls each sample ran.
+    iterate; a sample stops once ||g(z) - z|| / ||z|| is below `tolerance`. Returns, per sample, the iterate with
+    the lowest residual (the safeguard where a step converges slowly or not at all: an iterate the map was
+    evaluated at, never an unevaluated g(z)), its `extra` (the eps made at it), and how many calls each sample ran.
     """
     n = len(z)
     active = torch.ones(n, dtype=torch.bool, device=z.device)
@@ -157,7 +171,7 @@ def solve_fixed_point(step_map, z: torch.Tensor, calls: int, tolerance: float, h
         residual = relative_change(g, z)
         runs += active.cpu()
         better = active & (residual < best_residual)
-        best = g if best is None else torch.where(_per_sample(better, g), g, best)
+        best = z if best is None else torch.where(_per_sample(better, z), z, best)
         best_extra = extra if best_extra is None else torch.where(_per_sample(better, extra), extra, best_extra)
         best_residual = torch.where(better, residual, best_residual)
         active &= ~(residual < tolerance)  # a NaN residual is not convergence
@@ -270,6 +284,26 @@ def invert_latents(model: Model, x: torch.Tensor, schedule: DDIMSchedule, invers
         return invert_ddim(model, x, schedule, callback=callback, disable=disable, desc=desc)
     return invert_fixed_point(model, x, schedule, inversion.iterations, inversion.tolerance, callback=callback,
                               disable=disable, desc=desc, history=inversion.history)
+
+
+def invert_exact(model: Model, x: torch.Tensor, schedule: DDIMSchedule, inversion: Inversion = Inversion(),
+                 disable: bool = True, desc: str = "inverting") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`invert_latents`, with the corrections that make the way back exact: for the fixed-point method,
+    `sample_ddim(model, noise, schedule, corrections=corrections)` returns `x` to fp32 rounding however far each
+    step's solve got (a few steps, a model that barely contracts). Each correction is its step's residual, so
+    where the solve converges they are tiny. Plain DDIM gives None: it is the approximation by choice.
+
+    Returns the noise and the corrections (steps, *x.shape) in sampling order, or None.
+    """
+    if inversion.check().method == "ddim":
+        return invert_ddim(model, x, schedule, disable=disable, desc=desc), None
+    corrections: list = [None] * len(schedule)
+
+    def keep(step):
+        corrections[step["i"]] = step["correction"]
+
+    noise = invert_latents(model, x, schedule, inversion, callback=keep, disable=disable, desc=desc)
+    return noise, torch.stack(corrections)
 
 
 def eps_model(unet, embeds, negative=None, guidance: float = 1.0, prediction_type: str = "epsilon",

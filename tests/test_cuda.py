@@ -54,7 +54,8 @@ def test_half_precision_morph_keeps_exact_ends_in_fp32(device, pair, dtype):
 
     with stage_precision(prepared.pipe.unet):
         latents = render_frames(prepared.pipe, prepared.noises[0], prepared.noises[1], prepared.embeds[0],
-                                prepared.embeds[1], ends, prepared.schedule, 1.0, None, 8, prepared.adapters)
+                                prepared.embeds[1], ends, prepared.schedule, 1.0, None, 8, prepared.adapters,
+                                corrections=prepared.corrections)
     errors = [latent_error(latents[i:i + 1].float().cpu(), prepared.latents[i].float().cpu()) for i in range(2)]
     assert max(errors) <= 1e-3, errors
     assert len(rendered.frames) == 4

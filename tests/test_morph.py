@@ -11,7 +11,7 @@ from PIL import Image
 import morphkit
 from cli.main import app
 from morphkit import train as train_module
-from morphkit.inversion import Inversion, ddim_schedule, eps_model, invert_latents, sample_ddim
+from morphkit.inversion import Inversion, ddim_schedule, eps_model, invert_exact, latent_error, sample_ddim
 from morphkit.lora import LoraShape, add_lora, adapter_weights
 from morphkit.lora_blend import factor_blend, factor_delta, factor_layers, lora_blend
 from morphkit.metrics import get_distance, images_to_tensor, neighbour_distances, pdv
@@ -246,11 +246,19 @@ def test_both_images_inverted_in_one_batch_equal_each_inverted_alone(tiny_pipe):
     embeds = torch.cat([encode_prompt(pipe, "a photo of a cat"), encode_prompt(pipe, "a dog")])
     schedule = ddim_schedule(pipe.scheduler.config, 8)
     for inversion in (Inversion("ddim"), Inversion()):  # plain and fixed-point (the default)
-        together = invert_under_loras(pipe, latents, embeds, ["img0", "img1"], schedule, inversion=inversion)
+        together, corrections = invert_under_loras(pipe, latents, embeds, ["img0", "img1"], schedule,
+                                                   inversion=inversion)
         for i, name in enumerate(("img0", "img1")):
             with adapter_weights(pipe.unet, {name: 1.0}):
-                alone = invert_latents(eps_model(pipe.unet, embeds[i:i + 1]), latents[i:i + 1], schedule, inversion)
+                model = eps_model(pipe.unet, embeds[i:i + 1])
+                alone, alone_corrections = invert_exact(model, latents[i:i + 1], schedule, inversion)
+                if corrections is not None:  # sampling with them lands on the latent, far closer than without
+                    back = sample_ddim(model, together[i:i + 1], schedule, corrections=corrections[:, i:i + 1])
+                    plain = sample_ddim(model, together[i:i + 1], schedule)
+                    assert latent_error(back, latents[i:i + 1]) < 1e-5
+                    assert latent_error(back, latents[i:i + 1]) < latent_error(plain, latents[i:i + 1]) / 10
             assert (together[i] - alone[0]).abs().max() < 1e-5 * alone.abs().max()
+            assert (corrections is None) == (alone_corrections is None) == (inversion.method == "ddim")
         assert (together[0] - together[1]).abs().max() > 0.1  # different images, adapters and prompts
 
 

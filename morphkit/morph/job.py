@@ -122,7 +122,8 @@ def _render_decode(prepared: PreparedPair, alphas: torch.Tensor, settings: Morph
     per_call = settings.frames_per_call(p.pipe.unet.device)
     latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, schedule or p.schedule,
                             p.settings.guidance, p.negative, per_call, p.adapters, progress=bar,
-                            adain=settings.adain, blend=settings.lora_blend, attention=attention)
+                            adain=settings.adain, blend=settings.lora_blend, attention=attention,
+                            corrections=p.corrections if schedule is None else None)  # (a probe pass: other steps)
     return to_pil(check_finite(decode_latents(p.pipe, check_finite(latents, "rendering")), "decoding"))
 
 

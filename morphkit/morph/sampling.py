@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from ..families import PromptEmbeds, as_prompt_embeds
-from ..inversion import Inversion, eps_model, invert_latents, sample_ddim
+from ..inversion import Inversion, eps_model, invert_exact, sample_ddim
 from ..lora import adapter_weights, one_hot_weights
 from ..lora_blend import lora_blend as blend_loras
 from .attention import AttentionStore, _AttentionRun, interpolated_self_attention
@@ -26,7 +26,7 @@ def ends_first(alphas: torch.Tensor) -> torch.Tensor:
 def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tensor, schedule, guidance: float = 1.0,
                   negative: torch.Tensor | None = None, batch_size: int = 8, adapters=ADAPTERS,
                   progress=None, *, adain: bool = False, blend: str = "adapters",
-                  attention: AttentionStore | None = None) -> torch.Tensor:
+                  attention: AttentionStore | None = None, corrections: tuple | None = None) -> torch.Tensor:
     """Latents of the frames at `alphas`, `batch_size` frames per UNet call.
 
     Each frame has its own starting noise (slerp, and AdaIN with `adain`), prompt conditioning (lerp of the
@@ -36,6 +36,9 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
     `AttentionStore`), the in-between frames' self-attention in the up blocks interpolates the ends' for
     the store's first steps; frames whose ends are not among `alphas` read the ends from the store.
     `adapters`: the two adapters blended; empty for no LoRA at all (a tuning-free morph).
+    `corrections`: the two images' `invert_exact` corrections (steps, 1, 4, h, w), or None; each frame adds
+    their lerp at its α after every step, so the end frames land on their latents exactly and the others
+    change continuously with α.
     Returns clean latents (F, 4, h, w) in the order of `alphas`.
     """
     unet, device = pipe.unet, pipe.unet.device
@@ -60,7 +63,7 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
                                   pipe.scheduler.alphas_cumprod)
                 if run is not None:
                     model = _tracking_steps(model, run, step_of)
-                latents = sample_ddim(model, x, schedule)
+                latents = sample_ddim(model, x, schedule, corrections=frame_corrections(corrections, chunk, device))
             if out is None:
                 out = latents.new_empty((len(alphas), *latents.shape[1:]))
             out[idx.to(latents.device)] = latents
@@ -69,6 +72,16 @@ def render_frames(pipe, noise_a, noise_b, embeds_a, embeds_b, alphas: torch.Tens
     if attention is not None and not attention.keep:
         attention.clear()
     return out
+
+
+def frame_corrections(corrections: tuple | None, alphas: torch.Tensor, device) -> torch.Tensor | None:
+    """The corrections of frames at `alphas` (steps, F, 4, h, w): the lerp of the two images' at each α (exactly
+    each image's own at α = 0 and 1), or None."""
+    if corrections is None:
+        return None
+    a, b = (c.to(device, torch.float32) for c in corrections)
+    w = alphas.to(device, torch.float32).view(1, -1, 1, 1, 1)
+    return a * (1 - w) + b * w
 
 
 def _tracking_steps(model, run: _AttentionRun, step_of: dict):
@@ -89,12 +102,14 @@ def sample_weights(adapters: list[str | None], device, groups: int = 1) -> dict[
 @torch.no_grad()
 def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor | PromptEmbeds, adapters: list[str | None],
                        schedule, progress: bool = False, desc: str = "inverting", *, inversion: Inversion = Inversion(),
-                       guidance: float = 1.0, negative: torch.Tensor | PromptEmbeds | None = None) -> torch.Tensor:
+                       guidance: float = 1.0, negative: torch.Tensor | PromptEmbeds | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone (None: no LoRA) and
     its own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls.
 
     With `guidance` above 1 the inversion uses the guided ε against `negative` (one embedding, shared), the
     same ε that rendering samples with, so that sampling maps the noise back onto the latent.
+    Returns the noises and their corrections (steps, N, 4, h, w; None for plain DDIM): see `invert_exact`.
     """
     unet = pipe.unet
     groups = 1 if guidance == 1.0 else 2
@@ -102,4 +117,4 @@ def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor | Promp
     with adapter_weights(unet, sample_weights(adapters, unet.device, groups)):
         model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
                           pipe.scheduler.alphas_cumprod)
-        return invert_latents(model, latents, schedule, inversion, disable=not progress, desc=desc)
+        return invert_exact(model, latents, schedule, inversion, disable=not progress, desc=desc)
