@@ -18,6 +18,15 @@ PICKLE_HELP = ("Allow a pickled .ckpt/.pt/.bin --model (loaded with weights_only
 
 
 HELP = {  # the longer help texts, apart, so that the command's signature reads one option a line
+    "inversion_iterations": (
+        "Most fixed-point iterations per inversion step after its first UNet call (0: one call per step). The end "
+        "frames come back exact at any value (each step's remaining residual is kept and added back); more brings "
+        "the in-between frames closer to a fully converged solve's. [default: 3]"
+    ),
+    "inversion_tolerance": (
+        "A step stops iterating once the relative change of its latent is below this; 0 runs every iteration. "
+        "[default: 0.001]"
+    ),
     "attn_lambda": (
         "Self-attention interpolation: for this fraction of the sampling steps (from the start) the "
         "in-between frames' self-attention in the UNet's up blocks takes its keys and values from the two end "
@@ -115,8 +124,8 @@ def morph(
     compile_unet: Optional[bool] = typer.Option(None, "--compile", help=HELP["compile_unet"]),
     tuning_free: Optional[bool] = typer.Option(None, "--tuning-free", help=HELP["tuning_free"]),
     inversion: Optional[str] = typer.Option(None, "--inversion", help=HELP["inversion"]),
-    inversion_iterations: Optional[int] = typer.Option(None, "--inversion-iterations", help="Most fixed-point iterations per inversion step. [default: 5]"),
-    inversion_tolerance: Optional[float] = typer.Option(None, "--inversion-tolerance", help="A step stops iterating once its latent changes by less than this, relatively. [default: 1e-6]"),
+    inversion_iterations: Optional[int] = typer.Option(None, "--inversion-iterations", help=HELP["inversion_iterations"]),
+    inversion_tolerance: Optional[float] = typer.Option(None, "--inversion-tolerance", help=HELP["inversion_tolerance"]),
     fp32_ends: Optional[bool] = typer.Option(None, "--fp32-ends/--no-fp32-ends", help="On a model in fp16/bf16, invert and render the end frames in fp32 (the other frames stay in the model's precision). [default: on]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ):

@@ -246,10 +246,10 @@ class Inversion:
                               "solved by fixed-point iteration) or ddim (plain DDIM inversion, one model call per "
                               "step, less exact).")
         it = self.iterations
-        if isinstance(it, bool) or not isinstance(it, int) or it < 1:
-            raise ConfigError(f"--inversion-iterations must be a whole number of at least 1; got {it!r}. It is the "
-                              f"most fixed-point iterations per inversion step (default {DEFAULT_ITERATIONS}); for "
-                              "plain DDIM inversion use --inversion ddim.")
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+            raise ConfigError(f"--inversion-iterations must be a whole number of at least 0; got {it!r}. It is the "
+                              f"most fixed-point iterations per inversion step after its first model call (default "
+                              f"{DEFAULT_ITERATIONS}); for plain DDIM inversion use --inversion ddim.")
         tol = self.tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
             raise ConfigError(f"--inversion-tolerance must be a finite number of at least 0; got {tol!r}. A step "

@@ -240,7 +240,7 @@ def test_stage_precision_leaves_an_fp32_pipeline_alone(tiny_pipe):
 # ---- settings and `morphkit invert` ------------------------------------------------------------------
 
 @pytest.mark.parametrize("settings, words", [
-    (dict(iterations=0), "--inversion-iterations"),
+    (dict(iterations=-1), "--inversion-iterations"),
     (dict(iterations=-2), "--inversion-iterations"),
     (dict(iterations=2.5), "--inversion-iterations"),
     (dict(iterations=True), "--inversion-iterations"),
@@ -284,8 +284,8 @@ def test_invert_cli_prints_and_writes_the_round_trip(tmp_path, photo, morphkit_c
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--inversion-iterations", "0"], "--inversion-iterations"),
     (["--inversion-iterations", "-1"], "--inversion-iterations"),
+    (["--inversion-iterations", "1.5"], "--inversion-iterations"),
     (["--inversion-tolerance", "nan"], "--inversion-tolerance"),
     (["--inversion-tolerance", "-0.1"], "--inversion-tolerance"),
     (["--inversion", "newton"], "--inversion"),
@@ -305,3 +305,20 @@ def test_invert_help_states_the_defaults():
 
     text = " ".join(run("invert", "--help").output.split())
     assert f"[default: {DEFAULT_ITERATIONS}]" in text and f"[default: {DEFAULT_TOLERANCE:g}]" in text
+
+
+def test_morph_help_states_its_own_inversion_defaults():
+    """A morph's solve is looser than `morphkit invert`'s (its corrections keep the ends exact): its help says so."""
+    from morphkit.morph import MorphSettings
+
+    text = " ".join(run("morph", "--help").output.split())
+    defaults = MorphSettings()
+    assert f"[default: {defaults.inversion_iterations}]" in text and f"[default: {defaults.inversion_tolerance:g}]" in text
+
+
+def test_no_iterations_is_one_model_call_per_step(pipe):
+    """--inversion-iterations 0: each step's predicted start is evaluated once, like plain DDIM's cost."""
+    z0 = encode_image(pipe, _photo_image())
+    counting, calls = counted(eps_model(pipe.unet, encode_prompt(pipe, "a photo")))
+    invert_latents(counting, z0, ddim_schedule(pipe.scheduler.config, 6), Inversion(iterations=0))
+    assert calls[0] == 6
