@@ -14,7 +14,6 @@ morphkit's own training record sits in the header under `morphkit.*` keys in bot
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import warnings
@@ -339,34 +338,83 @@ def fused_update(x: torch.Tensor, downs: list, ups: list, scales: torch.Tensor) 
     sample's weight of each adapter (LoRA scale included). Returns (S, ..., out) in the factors' dtype.
     """
     dtype = downs[0].dtype
-    x = x.to(dtype)
-    columns = torch.cat([scales[:, k:k + 1].expand(-1, a.shape[0]) for k, a in enumerate(downs)], dim=1).to(dtype)
-    down = torch.nn.functional.linear(x, torch.cat([a.to(dtype) for a in downs]))
-    down = down * columns.view(len(x), *[1] * (x.dim() - 2), -1)
-    return torch.nn.functional.linear(down, torch.cat([b.to(dtype) for b in ups], dim=1))
+    down, up = torch.cat([a.to(dtype) for a in downs]), torch.cat([b.to(dtype) for b in ups], dim=1)
+    return stacked_update(x.to(dtype), down, up, sample_columns(scales, [a.shape[0] for a in downs]).to(dtype))
+
+
+def sample_columns(scales: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """(S, sum of ranks): each sample's weight of adapter k, repeated over that adapter's rows of the stacked
+    down factor."""
+    return torch.cat([scales[:, k:k + 1].expand(-1, r) for k, r in enumerate(ranks)], dim=1)
+
+
+def stacked_update(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`fused_update` on factors already stacked: x (S, ..., in) through down (R, in), each sample's R columns
+    weighted by `columns` (S, R), then through up (out, R)."""
+    h = torch.nn.functional.linear(x, down)
+    return torch.nn.functional.linear(h * columns.view(len(x), *[1] * (x.dim() - 2), -1), up)
+
+
+class _FusedLayer:
+    """A forward hook adding one layer's fused update under fixed per-sample weights (`_fused_updates`).
+
+    Eager, the weight columns are made at the first call and kept, and so are the stacked factors while no factor
+    changes (inversion, rendering); they are stacked at every call where autograd needs them (fitting, where the
+    optimizer updates them in place between steps). Traced by torch.compile, every call makes both in the graph,
+    where they cost nothing and keep nothing.
+    """
+
+    def __init__(self, module, held: tuple, weights: dict):
+        self.module, self.held, self.weights = module, held, weights
+        self.downs = [module.lora_A[n].weight for n in held]  # the parameters (updated in place, never replaced)
+        self.ups = [module.lora_B[n].weight for n in held]
+        self.columns: torch.Tensor | None = None
+        self.stacked: tuple | None = None
+        self.versions: tuple | None = None
+
+    def __call__(self, module, args, output):
+        x = args[0]
+        if torch.compiler.is_compiling():
+            down, up = self.stack()
+            columns = self.make_columns(x, down.dtype)
+        else:
+            down, up = self.kept_factors()
+            if self.columns is None or self.columns.device != x.device or self.columns.dtype != down.dtype:
+                self.columns = self.make_columns(x, down.dtype)
+            columns = self.columns
+        if columns.shape[0] != x.shape[0]:
+            raise ValueError(f"adapter weights for {columns.shape[0]} samples, but the batch has {x.shape[0]}")
+        return (output + stacked_update(x.to(down.dtype), down, up, columns)).to(output.dtype)
+
+    def make_columns(self, x: torch.Tensor, dtype) -> torch.Tensor:
+        scales = []
+        for n in self.held:  # `scaling` holds alpha / rank, times the weight of an adapter weighted by a float
+            w = self.weights[n]
+            w = w.to(x.device, torch.float32) if torch.is_tensor(w) else torch.ones(x.shape[0], device=x.device)
+            scales.append(w * self.module.scaling[n])
+        return sample_columns(torch.stack(scales, dim=1), [a.shape[0] for a in self.downs]).to(dtype)
+
+    def stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.downs[0].dtype
+        return torch.cat([a.to(dtype) for a in self.downs]), torch.cat([b.to(dtype) for b in self.ups], dim=1)
+
+    def kept_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.downs + self.ups):
+            return self.stack()
+        versions = tuple((p.data_ptr(), p._version) for p in self.downs + self.ups)
+        if versions != self.versions:
+            self.stacked, self.versions = self.stack(), versions
+        return self.stacked
 
 
 @contextlib.contextmanager
 def _fused_updates(unet, layers: list, weights: dict):
-    """PEFT's LoRA path off; each layer adds the weighted updates of `weights`' adapters by `fused_update`."""
+    """PEFT's LoRA path off; each layer adds the weighted updates of `weights`' adapters by `fused_update`'s
+    two products (`_FusedLayer`)."""
     hooks = []
-
-    def hook(module, args, output, held=()):
-        x = args[0]
-        columns = []
-        for n in held:  # `scaling` holds alpha / rank, times the weight of an adapter weighted by a float
-            w = weights[n]
-            if torch.is_tensor(w) and w.shape[0] != x.shape[0]:
-                raise ValueError(f"adapter weights for {w.shape[0]} samples, but the batch has {x.shape[0]}")
-            w = w.to(x.device, torch.float32) if torch.is_tensor(w) else torch.ones(x.shape[0], device=x.device)
-            columns.append(w * module.scaling[n])
-        delta = fused_update(x, [module.lora_A[n].weight for n in held], [module.lora_B[n].weight for n in held],
-                             torch.stack(columns, dim=1))
-        return (output + delta).to(output.dtype)  # added in fp32, rounded once, as PEFT does
-
     for module in layers:
         held = tuple(n for n in weights if n in module.lora_A)
-        hooks.append(module.register_forward_hook(functools.partial(hook, held=held)))
+        hooks.append(module.register_forward_hook(_FusedLayer(module, held, weights)))
     try:
         with _adapters_off(unet):
             yield

@@ -222,6 +222,38 @@ def test_fused_per_sample_route_equals_peft_route_with_a_float_weighted_adapter_
     assert (fused_grads - scaled_grads).abs().max() <= 1e-5 * scaled_grads.abs().max()
 
 
+def test_fused_route_keeps_stacked_factors_only_while_they_are_unchanged(tiny_pipe, monkeypatch):
+    """Without autograd the fused route keeps each layer's stacked factors between calls; a factor changed in
+    place (as an optimizer step changes it) is seen at the next call, as PEFT's route sees it."""
+    import morphkit.lora as lora
+
+    unet = two_adapters(tiny_pipe).unet
+    g = torch.Generator().manual_seed(6)
+    x, emb, t = torch.randn((2, 4, 8, 8), generator=g), torch.randn((2, 77, 32), generator=g), torch.tensor([500] * 2)
+    weights = {"img0": torch.tensor([1.0, 0.0]), "img1": torch.tensor([0.0, 1.0])}
+    factor = next(p for n, p in unet.named_parameters() if "lora_B.img1" in n)
+    original = factor.detach().clone()
+
+    def twice():
+        with torch.no_grad(), adapter_weights(unet, weights):
+            before = unet(x, t, emb).sample
+            factor.add_(0.5)  # in place, inside the context
+            after = unet(x, t, emb).sample
+            factor.copy_(original)
+        return before, after
+
+    try:
+        fused = twice()
+        monkeypatch.setattr(lora, "_is_plain_linear", lambda module, names: False)
+        peft = twice()
+    finally:
+        with torch.no_grad():
+            factor.copy_(original)
+    assert (fused[1] - fused[0]).abs().max() > 1e-3  # the change shows
+    for ours, theirs in zip(fused, peft):
+        assert (ours - theirs).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_update_is_the_weighted_sum_of_the_updates_in_the_factors_dtype(dtype):
     from morphkit.lora import fused_update
