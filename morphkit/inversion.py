@@ -118,7 +118,7 @@ def invert_ddim(model: Model, x: torch.Tensor, schedule: DDIMSchedule, callback=
 @torch.no_grad()
 def invert_fixed_point(model: Model, x: torch.Tensor, schedule: DDIMSchedule, iterations: int = 10,
                        tolerance: float = 1e-5, callback=None, disable: bool = True, desc: str = "inverting", *,
-                       history: int = 3) -> torch.Tensor:
+                       history: int = 3, corrected: bool = False) -> torch.Tensor:
     """Exact DDIM inversion: each step solves the implicit DDIM equation by accelerated fixed-point iteration.
 
     Sampling step i maps x_t to x_prev = ddim_step(x_t, eps(x_t, t)); inverting it means finding the x_t
@@ -130,9 +130,9 @@ def invert_fixed_point(model: Model, x: torch.Tensor, schedule: DDIMSchedule, it
     acceleration over the last `history` iterates (0: plain iteration), each sample stopping as soon as its
     residual ||g(z) - z|| / ||z|| is below `tolerance`. So a batch gives what inverting each sample alone gives.
 
-    Each step keeps the iterate with the lowest residual, whose eps is known, so `callback` also gets the step's
-    "correction": what sampling from it must add to land on x_prev exactly (its residual, scaled; see
-    `invert_exact`).
+    Each step ends at the iterate with the lowest residual: its image g(z), the better estimate of the noise
+    alone; with `corrected`, the iterate z itself, whose eps is known, and `callback` also gets the step's
+    "correction": what sampling from z must add to land on x_prev exactly (see `invert_exact`).
     """
     Inversion(iterations=iterations, tolerance=tolerance, history=history).check()
     eps = None
@@ -144,11 +144,13 @@ def invert_fixed_point(model: Model, x: torch.Tensor, schedule: DDIMSchedule, it
             e = model(z, t)
             return ddim_step(x, e, alpha_from, alpha_to), e
 
-        z, eps, runs = solve_fixed_point(step_map, start, 1 + iterations, tolerance, history)
-        correction = x - ddim_step(z, eps, alpha_to, alpha_from)  # sampling's step from z, and where it must land
-        x = z
+        z, g, eps, runs = solve_fixed_point(step_map, start, 1 + iterations, tolerance, history)
+        step = {"i": i, "t": t, "iterations": runs - 1}
+        if corrected:  # sampling's step from z, and where it must land
+            step["correction"] = x - ddim_step(z, eps, alpha_to, alpha_from)
+        x = z if corrected else g
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "iterations": runs - 1, "correction": correction})
+            callback({**step, "x": x})
     return x
 
 
@@ -156,15 +158,15 @@ def solve_fixed_point(step_map, z: torch.Tensor, calls: int, tolerance: float, h
     """Solve z = g(z) sample by sample, where `step_map(z)` returns (g(z), extra), in at most `calls` calls.
 
     Anderson acceleration (type II, the last `history` differences, least squares in float64) picks each next
-    iterate; a sample stops once ||g(z) - z|| / ||z|| is below `tolerance`. Returns, per sample, the iterate with
-    the lowest residual (the safeguard where a step converges slowly or not at all: an iterate the map was
-    evaluated at, never an unevaluated g(z)), its `extra` (the eps made at it), and how many calls each sample ran.
+    iterate; a sample stops once ||g(z) - z|| / ||z|| is below `tolerance`. Returns, per sample, the iterate z
+    with the lowest residual (the safeguard where a step converges slowly or not at all), its g(z), its `extra`
+    (the eps made at z), and how many calls each sample ran.
     """
     n = len(z)
     active = torch.ones(n, dtype=torch.bool, device=z.device)
     runs = torch.zeros(n, dtype=torch.long)
     best_residual = torch.full((n,), float("inf"), device=z.device)
-    best = best_extra = None
+    best = best_g = best_extra = None
     zs, gs = [], []
     for call in range(calls):
         g, extra = step_map(z)
@@ -172,13 +174,14 @@ def solve_fixed_point(step_map, z: torch.Tensor, calls: int, tolerance: float, h
         runs += active.cpu()
         better = active & (residual < best_residual)
         best = z if best is None else torch.where(_per_sample(better, z), z, best)
+        best_g = g if best_g is None else torch.where(_per_sample(better, g), g, best_g)
         best_extra = extra if best_extra is None else torch.where(_per_sample(better, extra), extra, best_extra)
         best_residual = torch.where(better, residual, best_residual)
         active &= ~(residual < tolerance)  # a NaN residual is not convergence
         if not active.any() or call == calls - 1:
             break
         z = torch.where(_per_sample(active, z), anderson(zs, gs, z, g, history), z)
-    return best, best_extra, runs
+    return best, best_g, best_extra, runs
 
 
 def anderson(zs: list, gs: list, z: torch.Tensor, g: torch.Tensor, history: int) -> torch.Tensor:
@@ -302,7 +305,8 @@ def invert_exact(model: Model, x: torch.Tensor, schedule: DDIMSchedule, inversio
     def keep(step):
         corrections[step["i"]] = step["correction"]
 
-    noise = invert_latents(model, x, schedule, inversion, callback=keep, disable=disable, desc=desc)
+    noise = invert_fixed_point(model, x, schedule, inversion.iterations, inversion.tolerance, callback=keep,
+                               disable=disable, desc=desc, history=inversion.history, corrected=True)
     return noise, torch.stack(corrections)
 
 
