@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
@@ -289,25 +289,54 @@ def invert_latents(model: Model, x: torch.Tensor, schedule: DDIMSchedule, invers
                               disable=disable, desc=desc, history=inversion.history)
 
 
+class ExactInversion(NamedTuple):
+    """What `invert_exact` returns: the noise, each step's correction, and the path the inversion walked."""
+
+    noise: torch.Tensor  # (B, ...)
+    corrections: torch.Tensor | None  # (steps, B, ...) in sampling order; None for plain DDIM
+    path: torch.Tensor  # (steps, B, ...): the latent each sampling step starts from (path[0] is the noise)
+
+
 def invert_exact(model: Model, x: torch.Tensor, schedule: DDIMSchedule, inversion: Inversion = Inversion(),
-                 disable: bool = True, desc: str = "inverting") -> tuple[torch.Tensor, torch.Tensor | None]:
+                 disable: bool = True, desc: str = "inverting") -> ExactInversion:
     """`invert_latents`, with the corrections that make the way back exact: for the fixed-point method,
     `sample_ddim(model, noise, schedule, corrections=corrections)` returns `x` to fp32 rounding however far each
     step's solve got (a few steps, a model that barely contracts). Each correction is its step's residual, so
     where the solve converges they are tiny. Plain DDIM gives None: it is the approximation by choice.
 
-    Returns the noise and the corrections (steps, *x.shape) in sampling order, or None.
+    Also returns the path: the latent at each of the schedule's noise levels, which `corrections_along` needs
+    to make a coarser schedule exact too.
     """
-    if inversion.check().method == "ddim":
-        return invert_ddim(model, x, schedule, disable=disable, desc=desc), None
+    path: list = [None] * len(schedule)
     corrections: list = [None] * len(schedule)
 
     def keep(step):
-        corrections[step["i"]] = step["correction"]
+        path[step["i"]] = step["x"]
+        corrections[step["i"]] = step.get("correction")
 
+    if inversion.check().method == "ddim":
+        noise = invert_ddim(model, x, schedule, callback=keep, disable=disable, desc=desc)
+        return ExactInversion(noise, None, torch.stack(path))
     noise = invert_fixed_point(model, x, schedule, inversion.iterations, inversion.tolerance, callback=keep,
                                disable=disable, desc=desc, history=inversion.history, corrected=True)
-    return noise, torch.stack(corrections)
+    return ExactInversion(noise, torch.stack(corrections), torch.stack(path))
+
+
+@torch.no_grad()
+def corrections_along(model: Model, path: torch.Tensor, end: torch.Tensor, schedule: DDIMSchedule,
+                      coarse: DDIMSchedule) -> torch.Tensor:
+    """Corrections that keep sampling on an inversion's path along `coarse`, a subset of `schedule`'s steps
+    (`coarse_schedule`): each coarse step starts on the path (`path`, the latents at `schedule`'s levels, from
+    `invert_exact`) and, corrected, lands on it again, so the end (`end`, the clean latents) comes back exactly
+    at any step count. One model call per coarse step. Returns (coarse steps, B, ...)."""
+    index = {int(t): i for i, t in enumerate(schedule.timesteps)}
+    picked = [index[int(t)] for t in coarse.timesteps]
+    out = []
+    for k, i in enumerate(picked):
+        target = path[picked[k + 1]] if k + 1 < len(picked) else end
+        eps = model(path[i], coarse.timesteps[k])
+        out.append(target - ddim_step(path[i], eps, coarse.alphas[k], coarse.alphas_prev[k]))
+    return torch.stack(out)
 
 
 def eps_model(unet, embeds, negative=None, guidance: float = 1.0, prediction_type: str = "epsilon",

@@ -67,3 +67,21 @@ def test_in_between_frames_take_the_corrections_lerped_by_alpha():
     assert torch.equal(mixed[:, 0], a[:, 0]) and torch.equal(mixed[:, 2], b[:, 0])  # each end exactly its own
     assert torch.allclose(mixed[:, 1], 0.75 * a[:, 0] + 0.25 * b[:, 0])
     assert frame_corrections(None, torch.zeros(2), "cpu") is None
+
+
+def test_a_probe_pass_at_few_steps_brings_the_ends_back_too(pair, cache):
+    """Even pacing's probe pass samples 5 of the 20 steps; corrections along the inversion's path at those steps
+    (`job.probe_corrections`) bring its end frames back onto the inputs' latents, as the full render's are."""
+    from morphkit.inversion import coarse_schedule
+    from morphkit.morph.job import probe_corrections
+
+    settings = MorphSettings(**DEFAULTS, cache_dir=cache, steps=20, tuning_free=True).validate()
+    p = prepare_pair(*pair, settings, progress=False)
+    probe = coarse_schedule(p.schedule, 5)
+    ends = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    errors = {}
+    for name, corrections in (("plain", None), ("corrected", probe_corrections(p, probe))):
+        latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], ends, probe,
+                                settings.guidance, p.negative, 8, p.adapters, corrections=corrections)
+        errors[name] = max(latent_error(latents[i:i + 1], p.latents[i]) for i in range(2))
+    assert errors["corrected"] <= 1e-4 < errors["plain"] / 100, errors

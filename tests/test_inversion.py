@@ -105,7 +105,7 @@ def test_corrections_make_the_round_trip_exact_however_little_the_solve_converge
     schedule = ddim_schedule(pipe.scheduler.config, 4)
     sizes = []
     for inversion in (Inversion(iterations=1, tolerance=0), Inversion(iterations=8, tolerance=0)):
-        noise, corrections = invert_exact(model, z0, schedule, inversion)
+        noise, corrections, _ = invert_exact(model, z0, schedule, inversion)
         assert corrections.shape == (4, *z0.shape)
         plain = latent_error(sample_ddim(model, noise, schedule), z0)
         exact = latent_error(sample_ddim(model, noise, schedule, corrections=corrections), z0)

@@ -278,12 +278,12 @@ def test_both_images_inverted_in_one_batch_equal_each_inverted_alone(tiny_pipe):
     embeds = torch.cat([encode_prompt(pipe, "a photo of a cat"), encode_prompt(pipe, "a dog")])
     schedule = ddim_schedule(pipe.scheduler.config, 8)
     for inversion in (Inversion("ddim"), Inversion()):  # plain and fixed-point (the default)
-        together, corrections = invert_under_loras(pipe, latents, embeds, ["img0", "img1"], schedule,
-                                                   inversion=inversion)
+        together, corrections, _ = invert_under_loras(pipe, latents, embeds, ["img0", "img1"], schedule,
+                                                      inversion=inversion)
         for i, name in enumerate(("img0", "img1")):
             with adapter_weights(pipe.unet, {name: 1.0}):
                 model = eps_model(pipe.unet, embeds[i:i + 1])
-                alone, alone_corrections = invert_exact(model, latents[i:i + 1], schedule, inversion)
+                alone, alone_corrections, _ = invert_exact(model, latents[i:i + 1], schedule, inversion)
                 if corrections is not None:  # sampling with them lands on the latent, far closer than without
                     back = sample_ddim(model, together[i:i + 1], schedule, corrections=corrections[:, i:i + 1])
                     plain = sample_ddim(model, together[i:i + 1], schedule)

@@ -27,7 +27,7 @@ from ..stages import Stages, check_finite
 from .attention import AttentionStore, attention_steps
 from .interpolation import alpha_schedule, even_alphas, moved_frames
 from .pair import PreparedPair
-from .sampling import ADAPTERS, render_frames
+from .sampling import ADAPTERS, coarse_corrections, render_frames
 from .settings import MorphSettings
 
 
@@ -80,15 +80,17 @@ class MorphResult:
 
 
 def render_alphas(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
-                  attention: AttentionStore | None = None, bar=None, schedule=None) -> list[Image.Image]:
+                  attention: AttentionStore | None = None, bar=None, schedule=None,
+                  corrections: tuple | None = None) -> list[Image.Image]:
     """The frames at `alphas` (one pass, no pacing), decoded to images.
 
     With `fp32_ends` on a model in fp16 / bf16, the end frames (α = 0 or 1) render and decode in fp32, as they
     were inverted, so that they come back as exactly as the inversion allows; the others in the model's own
-    precision. (`attention` must then keep the ends' inputs: `exact_ends_apart` says when.)
+    precision. (`attention` must then keep the ends' inputs: `exact_ends_apart` says when.) A probe pass gives its
+    own `schedule` and the `corrections` along it (`probe_corrections`).
     """
-    if not exact_ends_apart(prepared) or schedule is not None:  # (a probe pass needs no exact ends)
-        return _render_decode(prepared, alphas, settings, attention, bar, schedule)
+    if not exact_ends_apart(prepared) or schedule is not None:  # (a probe pass needs no fp32 ends)
+        return _render_decode(prepared, alphas, settings, attention, bar, schedule, corrections)
     is_end = (alphas == 0) | (alphas == 1)
     frames: list = [None] * len(alphas)
     for part in (is_end, ~is_end):
@@ -117,13 +119,13 @@ def exact_ends_apart(prepared: PreparedPair) -> bool:
 
 
 def _render_decode(prepared: PreparedPair, alphas: torch.Tensor, settings: MorphSettings,
-                   attention: AttentionStore | None, bar, schedule=None) -> list[Image.Image]:
+                   attention: AttentionStore | None, bar, schedule=None, corrections=None) -> list[Image.Image]:
     p = prepared
     per_call = settings.frames_per_call(p.pipe.unet.device)
     latents = render_frames(p.pipe, p.noises[0], p.noises[1], p.embeds[0], p.embeds[1], alphas, schedule or p.schedule,
                             p.settings.guidance, p.negative, per_call, p.adapters, progress=bar,
                             adain=settings.adain, blend=settings.lora_blend, attention=attention,
-                            corrections=p.corrections if schedule is None else None)  # (a probe pass: other steps)
+                            corrections=p.corrections if schedule is None else corrections)
     return to_pil(check_finite(decode_latents(p.pipe, check_finite(latents, "rendering")), "decoding"))
 
 
@@ -202,7 +204,8 @@ def probe_pace(prepared: PreparedPair, settings: MorphSettings, distance, attent
         bar.total += settings.frames
         bar.refresh()
     try:
-        quick = render_alphas(prepared, alphas, settings, probe_attention, bar, schedule=probe)
+        quick = render_alphas(prepared, alphas, settings, probe_attention, bar, schedule=probe,
+                              corrections=probe_corrections(prepared, probe))
     finally:
         if probe_attention is not None:
             probe_attention.clear()
@@ -212,6 +215,18 @@ def probe_pace(prepared: PreparedPair, settings: MorphSettings, distance, attent
     distances = neighbour_distances(images_to_tensor(frames), distance_fn)
     return Rendered(frames, target.tolist(), alphas.tolist(), [float(d) for d in first], [float(d) for d in distances],
                     [], name, probe_steps=len(probe))
+
+
+def probe_corrections(prepared: PreparedPair, probe) -> tuple | None:
+    """The two images' corrections along the probe's coarse steps (`sampling.coarse_corrections`): its end frames
+    then come back as the inputs, as the full render's do, so that the distances it measures near the ends are
+    the full render's too. None where the inversion kept no corrections (plain DDIM)."""
+    p = prepared
+    if p.corrections is None or p.paths is None:
+        return None
+    adapters = list(p.adapters) or [None, None]
+    return coarse_corrections(p.pipe, p.paths, p.latents, p.embeds, adapters, p.schedule, probe, p.settings.guidance,
+                              p.negative)
 
 
 def pace(prepared: PreparedPair, rendered: Rendered, settings: MorphSettings, distance,

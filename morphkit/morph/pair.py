@@ -61,6 +61,7 @@ class PreparedPair:
     precisions: dict[str, str] = field(default_factory=dict)  # the precision each stage ran in: fit, invert
     adapter_names: tuple[str, str] = ADAPTERS  # the adapters of its two images on the UNet
     corrections: tuple | None = None  # each image's `invert_exact` corrections (steps, 1, 4, h, w); None: plain DDIM
+    paths: tuple | None = None  # each image's inversion path (steps, 1, 4, h, w): see `inversion.corrections_along`
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -89,6 +90,7 @@ class PreparedKeyframes:
     peak_memory: dict[str, int] = field(default_factory=dict)
     precisions: dict[str, str] = field(default_factory=dict)
     corrections: list | None = None  # each image's `invert_exact` corrections; None: plain DDIM inversion
+    paths: list | None = None  # each image's inversion path (steps, 1, 4, h, w), for a probe pass's corrections
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -105,7 +107,8 @@ class PreparedKeyframes:
                             [self.latents[i], self.latents[j]], [self.embeds[i], self.embeds[j]], self.negative,
                             [self.noises[i], self.noises[j]], self.schedule, self.hits, self.timings,
                             self.peak_memory, self.precisions, (names[i], names[j]),
-                            None if self.corrections is None else (self.corrections[i], self.corrections[j]))
+                            None if self.corrections is None else (self.corrections[i], self.corrections[j]),
+                            None if self.paths is None else (self.paths[i], self.paths[j]))
 
     def segments(self, loop: bool = False) -> list[PreparedPair]:
         """The chain's segments in order: keyframe 0 to 1, 1 to 2, ... and, with `loop`, the last back to 0."""
@@ -212,11 +215,13 @@ def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=Non
     # 4. each image inverted under its own LoRA and prompt (exactly, in fp32), several in one batch
     schedule = ddim_schedule(pipe.scheduler.config, settings.steps)
     with stage_precision(pipe.unet, enabled=settings.fp32_ends) as precisions["invert"]:
-        noises, corrections = invert_keyframes(pipe, settings, keys, lora_ids, latents, embeds, negative, schedule,
-                                               store, fingerprint, hits, progress)
+        inverted = invert_keyframes(pipe, settings, keys, lora_ids, latents, embeds, negative, schedule, store,
+                                    fingerprint, hits, progress)
     stages.end("invert")
-    return PreparedKeyframes(pipe, settings, tuple(sized), latents, embeds, negative, noises, schedule, hits,
-                             stages.seconds, stages.peak_bytes, precisions, corrections)
+    corrections = None if settings.inversion == "ddim" else [e["corrections"] for e in inverted]
+    return PreparedKeyframes(pipe, settings, tuple(sized), latents, embeds, negative, [e["noise"] for e in inverted],
+                             schedule, hits, stages.seconds, stages.peak_bytes, precisions, corrections,
+                             [e["path"] for e in inverted])
 
 
 def check_distinct(keys: list[str], prompts: list[str], settings: MorphSettings) -> None:
@@ -347,66 +352,59 @@ def fit_conditioning(train, pipe, cond: PromptEmbeds):
 
 
 def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, negative, schedule,
-                     store: TensorCache, fingerprint: str, hits: dict, progress: bool) -> tuple[list, list | None]:
-    """The inverted noise of each image and its corrections (`invert_exact`), from the cache or inverted now (up to
-    `batch_size`, at least two, in one batch; the same image under the same LoRA and prompt only once). The
-    corrections are None for plain DDIM inversion.
+                     store: TensorCache, fingerprint: str, hits: dict, progress: bool) -> list[dict]:
+    """Each image's inversion (`invert_exact`) as a dict of tensors: "noise", "path" and, but for plain DDIM,
+    "corrections"; from the cache or inverted now (up to `batch_size`, at least two, in one batch; the same image
+    under the same LoRA and prompt only once).
 
     The cache key holds everything the noise depends on: the image, prompt, model, LoRA, steps, the inversion
     method and its settings, the guidance and negative prompt (guided inversion), and the precision it ran in.
     """
     prompts, device = settings.keyframe_prompts(len(keys)), pipe.unet.device
     labels = keyframe_labels(len(keys))
-    inversion = settings.inversion_method
     guided = {} if settings.guidance == 1.0 else {"guidance": settings.guidance, "negative": settings.negative_prompt}
-    noises: list = [None] * len(keys)
-    corrections: list = [None] * len(keys)
+    inverted: list = [None] * len(keys)
     due: dict[str, list[int]] = {}  # cache key -> the images it is the noise of
     for i in range(len(keys)):
         key = cache_key("inversion", image=keys[i], prompt=prompts[i], model=fingerprint, lora=lora_ids[i],
-                        steps=settings.steps, inversion=inversion.key(), precision=module_precision(pipe.unet),
-                        kept="noise and corrections", **guided)
+                        steps=settings.steps, inversion=settings.inversion_method.key(),
+                        precision=module_precision(pipe.unet), kept="noise, corrections and path", **guided)
         entry = store.get("inversion", key)
         hits[f"inversion_{labels[i]}"] = entry is not None
         if entry is None:
             due.setdefault(key, []).append(i)
         else:
-            noises[i], corrections[i] = _from_entry(entry, device)
+            inverted[i] = {k: v.to(device) for k, v in entry.items()}
     with contextlib.ExitStack() as held:  # each noise due is inverted once, whichever process sharing the cache gets it
         for key in sorted(due):
             held.enter_context(store.lock("inversion", key))
             if (entry := store.get("inversion", key)) is not None:  # another process inverted it meanwhile
                 for i in due.pop(key):
-                    (noises[i], corrections[i]), hits[f"inversion_{labels[i]}"] = _from_entry(entry, device), True
-        invert_due(pipe, settings, list(due.items()), latents, embeds, negative, schedule, store, noises,
-                   corrections, progress)
-    return noises, None if inversion.method == "ddim" else corrections
-
-
-def _from_entry(entry: dict, device) -> tuple:
-    corrections = entry.get("corrections")
-    return entry["noise"].to(device), None if corrections is None else corrections.to(device)
+                    inverted[i], hits[f"inversion_{labels[i]}"] = {k: v.to(device) for k, v in entry.items()}, True
+        invert_due(pipe, settings, list(due.items()), latents, embeds, negative, schedule, store, inverted, progress)
+    return inverted
 
 
 def invert_due(pipe, settings: MorphSettings, todo: list, latents, embeds, negative, schedule, store: TensorCache,
-               noises: list, corrections: list, progress: bool) -> None:
+               inverted: list, progress: bool) -> None:
     """Invert the images of `todo` ([(cache key, [image indices])]), up to `batch_size` (at least two) in one
-    batch; each noise goes into `noises`, its corrections (if any) into `corrections`, and both into the cache."""
-    names, labels = keyframe_adapters(len(noises)), keyframe_labels(len(noises))
+    batch; each image's inversion goes into `inverted` and the cache."""
+    names, labels = keyframe_adapters(len(inverted)), keyframe_labels(len(inverted))
     size = max(2, settings.frames_per_call(pipe.unet.device))
     for chunk in (todo[k:k + size] for k in range(0, len(todo), size)):
         sides = [images[0] for _, images in chunk]
         adapters = [None if settings.tuning_free else names[s] for s in sides]
-        inverted, corrected = invert_under_loras(pipe, torch.cat([latents[s] for s in sides]),
-                                      PromptEmbeds.cat([embeds[s] for s in sides]), adapters, schedule, progress=progress,
-                                      desc=inverting(labels, sides),
-                                      inversion=settings.inversion_method, guidance=settings.guidance,
-                                      negative=negative)
-        for k, ((key, images), noise) in enumerate(zip(chunk, inverted.split(1))):
-            entry = {"noise": noise} if corrected is None else {"noise": noise, "corrections": corrected[:, k:k + 1]}
+        result = invert_under_loras(pipe, torch.cat([latents[s] for s in sides]),
+                                    PromptEmbeds.cat([embeds[s] for s in sides]), adapters, schedule,
+                                    progress=progress, desc=inverting(labels, sides),
+                                    inversion=settings.inversion_method, guidance=settings.guidance, negative=negative)
+        for k, (key, images) in enumerate(chunk):
+            entry = {"noise": result.noise[k:k + 1], "path": result.path[:, k:k + 1]}
+            if result.corrections is not None:
+                entry["corrections"] = result.corrections[:, k:k + 1]
             store.put("inversion", key, entry)
             for i in images:
-                noises[i], corrections[i] = noise, entry.get("corrections")
+                inverted[i] = entry
 
 
 def inverting(labels, sides: list[int]) -> str:

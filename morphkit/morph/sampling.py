@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from ..families import PromptEmbeds, as_prompt_embeds
-from ..inversion import Inversion, eps_model, invert_exact, sample_ddim
+from ..inversion import ExactInversion, Inversion, corrections_along, eps_model, invert_exact, sample_ddim
 from ..lora import adapter_weights, one_hot_weights
 from ..lora_blend import lora_blend as blend_loras
 from .attention import AttentionStore, _AttentionRun, interpolated_self_attention
@@ -102,14 +102,13 @@ def sample_weights(adapters: list[str | None], device, groups: int = 1) -> dict[
 @torch.no_grad()
 def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor | PromptEmbeds, adapters: list[str | None],
                        schedule, progress: bool = False, desc: str = "inverting", *, inversion: Inversion = Inversion(),
-                       guidance: float = 1.0, negative: torch.Tensor | PromptEmbeds | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       guidance: float = 1.0, negative: torch.Tensor | PromptEmbeds | None = None) -> ExactInversion:
     """Invert latents (N, 4, h, w) in one batch, sample i under adapter `adapters[i]` alone (None: no LoRA) and
     its own prompt embedding `embeds[i]`: the same noises as N separate inversions, in N times fewer UNet calls.
 
     With `guidance` above 1 the inversion uses the guided ε against `negative` (one embedding, shared), the
     same ε that rendering samples with, so that sampling maps the noise back onto the latent.
-    Returns the noises and their corrections (steps, N, 4, h, w; None for plain DDIM): see `invert_exact`.
+    Returns the noises, their corrections (steps, N, 4, h, w; None for plain DDIM) and paths: see `invert_exact`.
     """
     unet = pipe.unet
     groups = 1 if guidance == 1.0 else 2
@@ -118,3 +117,20 @@ def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor | Promp
         model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
                           pipe.scheduler.alphas_cumprod)
         return invert_exact(model, latents, schedule, inversion, disable=not progress, desc=desc)
+
+
+@torch.no_grad()
+def coarse_corrections(pipe, paths, latents, embeds, adapters: list[str | None], schedule, coarse, guidance: float = 1.0,
+                       negative=None) -> tuple[torch.Tensor, ...]:
+    """Each image's corrections for sampling `coarse` (fewer steps of `schedule`) along its inversion's path
+    (`inversion.corrections_along`), under the adapter and prompt it was inverted with, all in one batch per
+    step: a probe pass at few steps then brings its end frames back exactly too. `paths`: each (steps, 1, ...)."""
+    unet = pipe.unet
+    groups = 1 if guidance == 1.0 else 2
+    neg = None if negative is None else as_prompt_embeds(negative).expand(len(latents))
+    cond = PromptEmbeds.cat([as_prompt_embeds(e) for e in embeds])
+    with adapter_weights(unet, sample_weights(adapters, unet.device, groups)):
+        model = eps_model(unet, cond, neg, guidance, pipe.scheduler.config.prediction_type,
+                          pipe.scheduler.alphas_cumprod)
+        out = corrections_along(model, torch.cat(list(paths), dim=1), torch.cat(list(latents)), schedule, coarse)
+    return tuple(out.split(1, dim=1))
