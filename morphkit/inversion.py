@@ -251,13 +251,13 @@ class Inversion:
         it = self.iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ConfigError(f"--inversion-iterations must be a whole number of at least 0; got {it!r}. It is the "
-                              f"most fixed-point iterations per inversion step after its first model call (default "
-                              f"{DEFAULT_ITERATIONS}); for plain DDIM inversion use --inversion ddim.")
+                              "most fixed-point iterations per inversion step after its first model call; for plain "
+                              "DDIM inversion use --inversion ddim.")
         tol = self.tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
             raise ConfigError(f"--inversion-tolerance must be a finite number of at least 0; got {tol!r}. A step "
-                              "stops iterating once the relative change of its latent is below it (default "
-                              f"{DEFAULT_TOLERANCE:g}; 0 always runs every iteration).")
+                              "stops iterating once the relative change of its latent is below it (0 always runs "
+                              "every iteration).")
         h = self.history
         if isinstance(h, bool) or not isinstance(h, int) or h < 0:
             raise ConfigError(f"The inversion's Anderson history must be a whole number of at least 0; got {h!r}.")

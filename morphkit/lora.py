@@ -280,7 +280,8 @@ def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
     adapters is a plain LoRA on a linear layer (what morphkit fits), PEFT's own LoRA path is switched off and
     each layer adds all the adapters' updates in two matrix products (`fused_update`: the down factors stacked,
     each sample's rows weighted, the up factors stacked), a third of PEFT's calls per layer. Otherwise each LoRA
-    layer's scale is reshaped to broadcast over the batch dimension of its input.
+    layer's scale is reshaped to broadcast over the batch dimension of its input. The weights are read when a
+    layer first runs in the context: to change them, enter the context again.
     """
     if not weights:  # the base model alone, whatever adapters the UNet holds
         with _adapters_off(unet):
@@ -358,10 +359,11 @@ def stacked_update(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, column
 class _FusedLayer:
     """A forward hook adding one layer's fused update under fixed per-sample weights (`_fused_updates`).
 
-    Eager, the weight columns are made at the first call and kept, and so are the stacked factors while no factor
-    changes (inversion, rendering); they are stacked at every call where autograd needs them (fitting, where the
-    optimizer updates them in place between steps). Traced by torch.compile, every call makes both in the graph,
-    where they cost nothing and keep nothing.
+    Eager, the weight columns are made at the first call and kept (for that batch size), and so are the stacked
+    factors while no factor changes (inversion, rendering; checked by each factor's storage and version counter, so
+    in-place updates are seen, though writes through `.data` are not); they are stacked at every call where
+    autograd needs them (fitting, where the optimizer updates them in place between steps). Traced by
+    torch.compile, every call makes both in the graph, where they cost nothing and keep nothing.
     """
 
     def __init__(self, module, held: tuple, weights: dict):
@@ -379,17 +381,18 @@ class _FusedLayer:
             columns = self.make_columns(x, down.dtype)
         else:
             down, up = self.kept_factors()
-            if self.columns is None or self.columns.device != x.device or self.columns.dtype != down.dtype:
+            c = self.columns
+            if c is None or c.device != x.device or c.dtype != down.dtype or c.shape[0] != x.shape[0]:
                 self.columns = self.make_columns(x, down.dtype)
             columns = self.columns
-        if columns.shape[0] != x.shape[0]:
-            raise ValueError(f"adapter weights for {columns.shape[0]} samples, but the batch has {x.shape[0]}")
         return (output + stacked_update(x.to(down.dtype), down, up, columns)).to(output.dtype)
 
     def make_columns(self, x: torch.Tensor, dtype) -> torch.Tensor:
         scales = []
         for n in self.held:  # `scaling` holds alpha / rank, times the weight of an adapter weighted by a float
             w = self.weights[n]
+            if torch.is_tensor(w) and w.shape[0] != x.shape[0]:
+                raise ValueError(f"adapter weights for {w.shape[0]} samples, but the batch has {x.shape[0]}")
             w = w.to(x.device, torch.float32) if torch.is_tensor(w) else torch.ones(x.shape[0], device=x.device)
             scales.append(w * self.module.scaling[n])
         return sample_columns(torch.stack(scales, dim=1), [a.shape[0] for a in self.downs]).to(dtype)

@@ -159,10 +159,11 @@ def render_morph(prepared: PreparedPair, settings: MorphSettings | None = None, 
     stages.begin()
     alphas = alpha_schedule(settings.frames)
     bar = tqdm(total=settings.frames, desc="rendering frames", unit="frame", disable=not progress)
-    with compiled(unet, enabled=settings.compile_unet):
+    probe = probe_pass(prepared, settings) if distance is not None and settings.pacing_probe_steps else None
+    with compiled(unet, enabled=settings.compile_unet):  # (after the probe's corrections: other batch shapes)
         try:
-            if distance is not None and settings.pacing_probe_steps:
-                rendered = probe_pace(prepared, settings, distance, attention, bar)
+            if probe is not None:
+                rendered = probe_pace(prepared, settings, distance, attention, bar, probe)
             else:
                 frames = render_alphas(prepared, alphas, settings, attention, bar)
                 rendered = Rendered(frames, alphas.tolist(), alphas.tolist())
@@ -187,17 +188,17 @@ def render_precisions(prepared: PreparedPair) -> dict[str, str]:
 
 
 def probe_pace(prepared: PreparedPair, settings: MorphSettings, distance, attention: AttentionStore | None = None,
-               bar=None) -> Rendered:
+               bar=None, probe: tuple | None = None) -> Rendered:
     """Even pacing from a probe: render the frames at evenly spaced α with `pacing_probe_steps` coarse DDIM steps
     (the same path from the same noise, in larger steps), measure their neighbour distances, move each α so that
     consecutive frames would be equally far apart, and render every frame once, at full steps, at its α. The
-    probe costs `pacing_probe_steps / steps` of a pass, where re-rendering the moved frames cost most of one."""
-    from ..inversion import coarse_schedule
+    probe costs `pacing_probe_steps / steps` of a pass, where re-rendering the moved frames cost most of one.
+    `probe`: `probe_pass`'s schedule and corrections, when the caller has made them already."""
     from ..metrics import images_to_tensor, neighbour_distances
 
     name, distance_fn, _ = distance
     alphas = alpha_schedule(settings.frames)
-    probe = coarse_schedule(prepared.schedule, settings.pacing_probe_steps)
+    probe, corrections = probe or probe_pass(prepared, settings)
     probe_attention = (AttentionStore(attention_steps(settings.attn_lambda, len(probe)), keep=False)
                        if attention is not None else None)
     if bar is not None:
@@ -205,7 +206,7 @@ def probe_pace(prepared: PreparedPair, settings: MorphSettings, distance, attent
         bar.refresh()
     try:
         quick = render_alphas(prepared, alphas, settings, probe_attention, bar, schedule=probe,
-                              corrections=probe_corrections(prepared, probe))
+                              corrections=corrections)
     finally:
         if probe_attention is not None:
             probe_attention.clear()
@@ -215,6 +216,15 @@ def probe_pace(prepared: PreparedPair, settings: MorphSettings, distance, attent
     distances = neighbour_distances(images_to_tensor(frames), distance_fn)
     return Rendered(frames, target.tolist(), alphas.tolist(), [float(d) for d in first], [float(d) for d in distances],
                     [], name, probe_steps=len(probe))
+
+
+def probe_pass(prepared: PreparedPair, settings: MorphSettings) -> tuple:
+    """Even pacing's probe: `pacing_probe_steps` coarse steps of the prepared schedule, and the corrections along
+    them (`probe_corrections`)."""
+    from ..inversion import coarse_schedule
+
+    probe = coarse_schedule(prepared.schedule, settings.pacing_probe_steps)
+    return probe, probe_corrections(prepared, probe)
 
 
 def probe_corrections(prepared: PreparedPair, probe) -> tuple | None:

@@ -218,10 +218,11 @@ def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=Non
         inverted = invert_keyframes(pipe, settings, keys, lora_ids, latents, embeds, negative, schedule, store,
                                     fingerprint, hits, progress)
     stages.end("invert")
-    corrections = None if settings.inversion == "ddim" else [e["corrections"] for e in inverted]
+    corrected = settings.inversion != "ddim"
     return PreparedKeyframes(pipe, settings, tuple(sized), latents, embeds, negative, [e["noise"] for e in inverted],
-                             schedule, hits, stages.seconds, stages.peak_bytes, precisions, corrections,
-                             [e["path"] for e in inverted])
+                             schedule, hits, stages.seconds, stages.peak_bytes, precisions,
+                             [e["corrections"] for e in inverted] if corrected else None,
+                             [e["path"] for e in inverted] if corrected else None)
 
 
 def check_distinct(keys: list[str], prompts: list[str], settings: MorphSettings) -> None:
@@ -353,8 +354,8 @@ def fit_conditioning(train, pipe, cond: PromptEmbeds):
 
 def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, negative, schedule,
                      store: TensorCache, fingerprint: str, hits: dict, progress: bool) -> list[dict]:
-    """Each image's inversion (`invert_exact`) as a dict of tensors: "noise", "path" and, but for plain DDIM,
-    "corrections"; from the cache or inverted now (up to `batch_size`, at least two, in one batch; the same image
+    """Each image's inversion (`invert_exact`) as a dict of tensors: "noise" and, but for plain DDIM,
+    "corrections" and "path" (on the CPU); from the cache or inverted now (up to `batch_size`, at least two, in one batch; the same image
     under the same LoRA and prompt only once).
 
     The cache key holds everything the noise depends on: the image, prompt, model, LoRA, steps, the inversion
@@ -374,15 +375,20 @@ def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, emb
         if entry is None:
             due.setdefault(key, []).append(i)
         else:
-            inverted[i] = {k: v.to(device) for k, v in entry.items()}
+            inverted[i] = _on_device(entry, device)
     with contextlib.ExitStack() as held:  # each noise due is inverted once, whichever process sharing the cache gets it
         for key in sorted(due):
             held.enter_context(store.lock("inversion", key))
             if (entry := store.get("inversion", key)) is not None:  # another process inverted it meanwhile
                 for i in due.pop(key):
-                    inverted[i], hits[f"inversion_{labels[i]}"] = {k: v.to(device) for k, v in entry.items()}, True
+                    inverted[i], hits[f"inversion_{labels[i]}"] = _on_device(entry, device), True
         invert_due(pipe, settings, list(due.items()), latents, embeds, negative, schedule, store, inverted, progress)
     return inverted
+
+
+def _on_device(entry: dict, device) -> dict:
+    """A cached inversion with its noise and corrections on `device`; the path stays on the CPU."""
+    return {k: v if k == "path" else v.to(device) for k, v in entry.items()}
 
 
 def invert_due(pipe, settings: MorphSettings, todo: list, latents, embeds, negative, schedule, store: TensorCache,
@@ -399,9 +405,9 @@ def invert_due(pipe, settings: MorphSettings, todo: list, latents, embeds, negat
                                     progress=progress, desc=inverting(labels, sides),
                                     inversion=settings.inversion_method, guidance=settings.guidance, negative=negative)
         for k, (key, images) in enumerate(chunk):
-            entry = {"noise": result.noise[k:k + 1], "path": result.path[:, k:k + 1]}
-            if result.corrections is not None:
-                entry["corrections"] = result.corrections[:, k:k + 1]
+            entry = {"noise": result.noise[k:k + 1]}
+            if result.corrections is not None:  # (the path only serves a probe pass's corrections: kept on the CPU)
+                entry.update(corrections=result.corrections[:, k:k + 1], path=result.path[:, k:k + 1].cpu())
             store.put("inversion", key, entry)
             for i in images:
                 inverted[i] = entry

@@ -124,7 +124,8 @@ def coarse_corrections(pipe, paths, latents, embeds, adapters: list[str | None],
                        negative=None) -> tuple[torch.Tensor, ...]:
     """Each image's corrections for sampling `coarse` (fewer steps of `schedule`) along its inversion's path
     (`inversion.corrections_along`), under the adapter and prompt it was inverted with, all in one batch per
-    step: a probe pass at few steps then brings its end frames back exactly too. `paths`: each (steps, 1, ...)."""
+    step: a probe pass at few steps then brings its end frames back exactly too. `paths`: each (steps, 1, ...),
+    on any device."""
     unet = pipe.unet
     groups = 1 if guidance == 1.0 else 2
     neg = None if negative is None else as_prompt_embeds(negative).expand(len(latents))
@@ -132,5 +133,6 @@ def coarse_corrections(pipe, paths, latents, embeds, adapters: list[str | None],
     with adapter_weights(unet, sample_weights(adapters, unet.device, groups)):
         model = eps_model(unet, cond, neg, guidance, pipe.scheduler.config.prediction_type,
                           pipe.scheduler.alphas_cumprod)
-        out = corrections_along(model, torch.cat(list(paths), dim=1), torch.cat(list(latents)), schedule, coarse)
+        path = torch.cat(list(paths), dim=1).to(unet.device)  # (kept on the CPU between uses)
+        out = corrections_along(model, path, torch.cat(list(latents)).to(unet.device), schedule, coarse)
     return tuple(out.split(1, dim=1))
