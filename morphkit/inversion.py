@@ -274,6 +274,8 @@ class Inversion:
         """For summaries: "fixed-point (at most 10 iterations per step, tolerance 1e-05)" or "plain DDIM"."""
         if self.method == "ddim":
             return "plain DDIM"
+        if self.iterations == 0:
+            return "fixed-point start only (one model call per step, no iterations)"
         return (f"fixed-point (at most {self.iterations} iterations per step, tolerance {self.tolerance:g}, Anderson "
                 f"acceleration, history {self.history})" if self.history else
                 f"fixed-point (at most {self.iterations} iterations per step, tolerance {self.tolerance:g})")

@@ -337,3 +337,4 @@ def test_no_iterations_is_one_model_call_per_step(pipe):
     counting, calls = counted(eps_model(pipe.unet, encode_prompt(pipe, "a photo")))
     invert_latents(counting, z0, ddim_schedule(pipe.scheduler.config, 6), Inversion(iterations=0))
     assert calls[0] == 6
+    assert "one model call per step" in Inversion(iterations=0).describe()  # as the summary prints it
