@@ -1,11 +1,12 @@
 """Morphing two images, or a chain of them: per-image LoRA, DDIM inversion, slerp, blended adapters (DiffMorpher's
 recipe).
 
-    image A ─► latent ─► LoRA "img0" fitted ─► DDIM inversion under img0 ─► noise A ─┐
-    image B ─► latent ─► LoRA "img1" fitted ─► DDIM inversion under img1 ─► noise B ─┤
-                                                                                     ▼
+    image A ─► latent ─► LoRA "img0" fitted ─► DDIM inversion under img0 ─► noise A, corrections A ─┐
+    image B ─► latent ─► LoRA "img1" fitted ─► DDIM inversion under img1 ─► noise B, corrections B ─┤
+                                                                                                   ▼
     for each α:   noise = AdaIN(slerp(A, B, α))   prompt = lerp(eA, eB, α)   LoRAs blended at α
-                  ─► DDIM sampling, several frames per UNet call ─► VAE decode ─► frame
+                  ─► DDIM sampling, several frames per UNet call, each step adding lerp(cA, cB, α)
+                  ─► VAE decode ─► frame           (the corrections bring the ends back exactly)
     then (even pacing) measure the distance between neighbours, move α so that the steps are equal,
     and render again only the frames whose α moved.
 
