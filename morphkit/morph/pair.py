@@ -329,13 +329,15 @@ def fit_due(pipe, train, to_fit: dict, latents, embeds, fit_settings, together: 
     `together`, else one by one."""
     examples = {name: [train.EncodedExample([latents[i][0]], [fit_conditioning(train, pipe, embeds[i])])]
                 for name, (i, _) in to_fit.items()}
-    names = list(examples)
+    names, labels = list(examples), keyframe_labels(len(latents))
     groups = [names[k:k + 2] for k in range(0, len(names), 2)] if together else [[n] for n in names]
     for group in groups:
+        sides = [to_fit[n][0] for n in group]
+        desc = f"fitting LoRA{'s' if len(group) > 1 else ''} of {keyframe_words(labels, sides)}"
         if len(group) > 1:
-            train.fit_loras(pipe, {n: examples[n] for n in group}, fit_settings, progress=progress)
+            train.fit_loras(pipe, {n: examples[n] for n in group}, fit_settings, progress=progress, desc=desc)
         else:
-            train.fit_lora(pipe, examples[group[0]], fit_settings, adapter_name=group[0], progress=progress)
+            train.fit_lora(pipe, examples[group[0]], fit_settings, adapter_name=group[0], progress=progress, desc=desc)
 
 
 def fit_conditioning(train, pipe, cond: PromptEmbeds):
@@ -415,6 +417,11 @@ def invert_due(pipe, settings: MorphSettings, todo: list, latents, embeds, negat
 
 def inverting(labels, sides: list[int]) -> str:
     """The progress bar's words: "inverting A and B" for a pair, "inverting keyframes 1, 2, 3" for a chain."""
+    return f"inverting {keyframe_words(labels, sides)}"
+
+
+def keyframe_words(labels, sides: list[int]) -> str:
+    """"A and B" (or "A") for a pair, "keyframes 1, 2, 3" (or "keyframe 2") for a chain."""
     if len(labels) == 2:
-        return f"inverting {' and '.join(labels[s].upper() for s in sides)}"
-    return f"inverting keyframe{'s' if len(sides) > 1 else ''} {', '.join(labels[s] for s in sides)}"
+        return " and ".join(labels[s].upper() for s in sides)
+    return f"keyframe{'s' if len(sides) > 1 else ''} {', '.join(labels[s] for s in sides)}"

@@ -36,6 +36,7 @@ def fit_loras(
     examples: dict[str, list[EncodedExample]],
     settings: TrainSettings,
     progress: bool = True,
+    desc: str | None = None,
 ) -> dict[str, TrainResult]:
     """Fit one LoRA adapter per entry of `examples`, all at once: what `morph` does with its two images.
 
@@ -48,6 +49,7 @@ def fit_loras(
     shared: a step skipped for an overflow in either adapter's gradients is skipped for all of them.)
 
     Needs batch_size 1, no gradient accumulation, and latents of one shape; it writes no checkpoints.
+    `desc`: the progress bar's words (default: the adapters' names).
     """
     from diffusers import DDPMScheduler
 
@@ -69,7 +71,7 @@ def fit_loras(
         unet.enable_gradient_checkpointing()
 
     losses = {name: [] for name in names}
-    bar = tqdm(total=steps, desc=f"fitting LoRAs {', '.join(names)}", disable=not progress, unit="step",
+    bar = tqdm(total=steps, desc=desc or f"fitting LoRAs {', '.join(names)}", disable=not progress, unit="step",
                file=sys.stderr, dynamic_ncols=True)
     unet.train()
     try:

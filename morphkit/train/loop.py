@@ -104,6 +104,7 @@ def fit_lora(
     progress: bool = True,
     share: Share = ALONE,
     extras: Extras | None = None,
+    desc: str | None = None,
 ) -> TrainResult:
     """Add a LoRA adapter named `adapter_name` to `pipe.unet` (and what else the settings train) and train it.
 
@@ -111,7 +112,8 @@ def fit_lora(
     from `rng(seed, ..., s)`, so a run resumed from a checkpoint at step k continues exactly as an
     unbroken run would. With a `share` of several processes, each trains on its rows of the global
     batch and gradients are averaged (see `parallel`); only the main process logs and saves.
-    `log` (simple callers) receives a dict a step; `extras` carries what `train_lora` adds.
+    `log` (simple callers) receives a dict a step; `extras` carries what `train_lora` adds. `desc`: the
+    progress bar's words.
     """
     from diffusers import DDPMScheduler
 
@@ -139,8 +141,9 @@ def fit_lora(
 
     # 3. The steps
     losses: list[float] = []
-    bar = tqdm(total=steps, initial=start, desc=f"fitting LoRA {adapter_name}", disable=not (progress and share.is_main),
-               unit="step", file=sys.stderr, dynamic_ncols=True)
+    desc = desc or ("training the LoRA" if adapter_name == "default" else f"fitting LoRA {adapter_name}")
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and share.is_main), unit="step",
+               file=sys.stderr, dynamic_ncols=True)
     unet.train()
     trainables.train()
     per_epoch = steps_per_epoch(n_examples, settings, share.count)
