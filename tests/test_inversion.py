@@ -328,7 +328,8 @@ def test_morph_help_states_its_own_inversion_defaults():
 
     text = " ".join(run("morph", "--help").output.split())
     defaults = MorphSettings()
-    assert f"[default: {defaults.inversion_iterations}]" in text and f"[default: {defaults.inversion_tolerance:g}]" in text
+    assert f"[default: {defaults.inversion_iterations}]" in text
+    assert f"[default: {defaults.inversion_tolerance:g}]" in text
 
 
 def test_no_iterations_is_one_model_call_per_step(pipe):

@@ -357,8 +357,8 @@ def fit_conditioning(train, pipe, cond: PromptEmbeds):
 def invert_keyframes(pipe, settings: MorphSettings, keys, lora_ids, latents, embeds, negative, schedule,
                      store: TensorCache, fingerprint: str, hits: dict, progress: bool) -> list[dict]:
     """Each image's inversion (`invert_exact`) as a dict of tensors: "noise" and, but for plain DDIM,
-    "corrections" and "path" (on the CPU); from the cache or inverted now (up to `batch_size`, at least two, in one batch; the same image
-    under the same LoRA and prompt only once).
+    "corrections" and "path" (on the CPU); from the cache or inverted now (up to `batch_size`, at least two, in
+    one batch; the same image under the same LoRA and prompt only once).
 
     The cache key holds everything the noise depends on: the image, prompt, model, LoRA, steps, the inversion
     method and its settings, the guidance and negative prompt (guided inversion), and the precision it ran in.

@@ -120,8 +120,8 @@ def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor | Promp
 
 
 @torch.no_grad()
-def coarse_corrections(pipe, paths, latents, embeds, adapters: list[str | None], schedule, coarse, guidance: float = 1.0,
-                       negative=None) -> tuple[torch.Tensor, ...]:
+def coarse_corrections(pipe, paths, latents, embeds, adapters: list[str | None], schedule, coarse,
+                       guidance: float = 1.0, negative=None) -> tuple[torch.Tensor, ...]:
     """Each image's corrections for sampling `coarse` (fewer steps of `schedule`) along its inversion's path
     (`inversion.corrections_along`), under the adapter and prompt it was inverted with, all in one batch per
     step: a probe pass at few steps then brings its end frames back exactly too. `paths`: each (steps, 1, ...),
