@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from machine import describe, machine_line  # noqa: E402
+
 PROMPTS = ("a photo of an astronaut", "a photo of a cat")
 
 
@@ -54,11 +56,11 @@ def main():
             rows.append({"steps": steps, "history": history, "calls": calls[0], "seconds": round(seconds, 2),
                          "error": max(errors)})
             print(rows[-1], flush=True)
-    report = {"command": "python benchmarks/bench_anderson.py", "threads": 1, "torch": torch.__version__, "rows": rows}
+    report = {"command": "python benchmarks/bench_anderson.py", **describe(threads=1), "rows": rows}
     out = HERE / "results"
     (out / "anderson-tiny-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Fixed-point inversion: plain iteration against Anderson acceleration (tiny, CPU, one thread)", "",
-             f"Command: `{report['command']}`; torch {report['torch']}; the two photos in one batch, at most 1 + 10 "
+             machine_line(report) + "; the two photos in one batch, at most 1 + 10 "
              "calls per step, tolerance 1e-5.", "",
              "| steps | plain: calls | plain: error | Anderson (3): calls | Anderson (3): error |", "|---:|---:|---:|---:|---:|"]
     for plain, accelerated in zip(rows[::2], rows[1::2]):

@@ -26,6 +26,8 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="morphkit-induct
 
 import torch  # noqa: E402
 
+from machine import describe, machine_line  # noqa: E402
+
 
 def main():
     from torch._dynamo.utils import counters
@@ -54,12 +56,11 @@ def main():
     for label in rows:
         rows[label]["psnr_vs_eager_db"] = round(min(float(psnr(to_tensor(a), to_tensor(b), data_range=2.0)[0])
                                                     for a, b in zip(frames[label], frames["eager"])), 1)
-    report = {"command": "python benchmarks/bench_compile_render.py", "threads": 1, "torch": torch.__version__,
-              "rows": rows}
+    report = {"command": "python benchmarks/bench_compile_render.py", **describe(threads=1), "rows": rows}
     (HERE / "results" / "compile-render-tiny-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# The default morph's render, eager and compiled (tiny, CPU, one thread)", "",
-             f"Command: `{report['command']}`; 16 frames, 50 steps, defaults (attention interpolation, AdaIN, even "
-             f"pacing); torch {report['torch']}", "",
+             machine_line(report) + "; 16 frames, 50 steps, defaults (attention interpolation, AdaIN, "
+             "even pacing)", "",
              "| render | seconds | frames re-rendered | graph breaks | graphs | worst frame PSNR vs eager, dB |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {k} | {r['render_s']} | {r['rerendered']} | {r['graph_breaks']} | {r['graphs']} | "

@@ -33,6 +33,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
+from machine import describe, machine_line  # noqa: E402
+
 PHOTOS = HERE.parent / "dataset" / "photos"
 SETTINGS = dict(model="tiny", prompt_a="a photo of an astronaut", prompt_b="a photo of a cat", frames=16, steps=50,
                 lora_steps=200, resolution=64, pacing="linear", formats=(), device="cpu")
@@ -98,12 +100,12 @@ def main():
             row.update(quality(frames, pipe, images), in_between_psnr_db=round(min(inner), 2))
             rows.append(row)
             print({k: v for k, v in row.items()}, flush=True)
-    report = {"command": "python benchmarks/bench_corrections.py", "threads": 1, "torch": torch.__version__,
+    report = {"command": "python benchmarks/bench_corrections.py", **describe(threads=1),
               "settings": {k: v for k, v in SETTINGS.items() if k != "formats"}, "converged": CONVERGED, "rows": rows}
     out = HERE / "results"
     (out / "corrections-tiny-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Inversion solve against in-between fidelity, with exact ends by corrections (tiny, CPU, one thread)", "",
-             f"Command: `{report['command']}`; torch {report['torch']}; 16 frames, 50 steps, linear pacing; "
+             machine_line(report) + "; 16 frames, 50 steps, linear pacing; "
              f"in-between frames against a solve of {CONVERGED[0]} iterations at tolerance {CONVERGED[1]:g}.", "",
              "| iterations | tolerance | UNet calls | invert s | end latent error | end PSNR dB | corrections | "
              "in-between PSNR dB (lowest) | PPL | PDV |", "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]

@@ -26,7 +26,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from bench_summary import PHOTOS, PROMPTS, SD15_CPU, TINY, cpu_flags, quality  # noqa: E402
+from bench_summary import PHOTOS, PROMPTS, SD15_CPU, TINY, quality  # noqa: E402
+from machine import describe, machine_line  # noqa: E402
 
 
 def run(pipe, settings, images, measure_quality: bool) -> dict:
@@ -54,7 +55,7 @@ def main():
     if not cpu_has_native_bf16():
         sys.exit("This CPU has neither AMX nor AVX512-BF16: bf16 would be emulated, and morphkit refuses it.")
     torch.set_num_threads(1)
-    report = {"command": "python benchmarks/bench_cpu_bf16.py", "threads": 1, "cpu_flags": cpu_flags()}
+    report = {"command": "python benchmarks/bench_cpu_bf16.py", **describe(threads=1)}
     for size, settings, resolution in (("tiny", TINY, 64), ("sd15_128", SD15_CPU, 128)):
         images = [load_image(PHOTOS / "astronaut.jpg", resolution)]
         images.append(cover_resize(load_image(PHOTOS / "chelsea.jpg"), images[0].size))
@@ -67,8 +68,7 @@ def main():
         rows["speedup"] = round(rows["float32"]["seconds"] / rows["bfloat16"]["seconds"], 3)
         report[size] = rows
     (HERE / "results" / "cpu-bf16.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# bf16 against fp32 on this CPU (1 thread)", "", f"Command: `{report['command']}`; flags "
-             f"{', '.join(report['cpu_flags'])}", "", "| model | fp32 s | bf16 s | speed-up | fp32 end PSNR / PPL / PDV | "
+    lines = ["# bf16 against fp32 on this CPU (1 thread)", "", machine_line(report), "", "| model | fp32 s | bf16 s | speed-up | fp32 end PSNR / PPL / PDV | "
              "bf16 end PSNR / PPL / PDV |", "|---|---:|---:|---:|---|---|"]
     for size in ("tiny", "sd15_128"):
         r = report[size]

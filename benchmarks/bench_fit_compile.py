@@ -61,12 +61,12 @@ def main():
                 raise SystemExit(done.stderr[-3000:])
             rows[label] = json.loads(done.stdout.strip().splitlines()[-1])
             print(label, rows[label], flush=True)
-    import torch
+    from machine import describe, machine_line
 
-    report = {"command": "python benchmarks/bench_fit_compile.py", "threads": 1, "torch": torch.__version__, "rows": rows}
+    report = {"command": "python benchmarks/bench_fit_compile.py", **describe(threads=1), "rows": rows}
     (HERE / "results" / "fit-compile-tiny-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# The joint LoRA fit, eager and compiled (tiny, CPU, one thread)", "",
-             f"Command: `{report['command']}`; 200 steps, two LoRAs in one batch; torch {report['torch']}", "",
+             machine_line(report) + "; 200 steps, two LoRAs in one batch", "",
              "| fit | seconds | final loss |", "|---|---:|---:|"]
     lines += [f"| {label} | {r['seconds']} | {r['final_loss']:.6f} |" for label, r in rows.items()]
     (HERE / "results" / "fit-compile-tiny-cpu.md").write_text("\n".join(lines) + "\n")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from machine import describe, machine_line  # noqa: E402
 import morphkit  # noqa: E402
 from morphkit.images import cover_resize, load_image  # noqa: E402
 from morphkit.inversion import (DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, Inversion, counted, ddim_schedule,  # noqa: E402
@@ -134,7 +135,7 @@ def write_report(report, out: Path, stem: str):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Inversion round trip: {report['model']} on {report['device']}", "",
-             f"Command: `{report['command']}`  ", f"settings {json.dumps(report['settings'])}  ",
+             machine_line(report) + "  ", f"settings {json.dumps(report['settings'])}  ",
              f"versions {json.dumps(report['versions'])}", "",
              "Relative latent error ||z0' - z0|| / ||z0|| of invert-then-sample (the larger of the two photos'), "
              "the time of the inversion alone (s, mean of the two) and its UNet calls (a guided call runs a "
@@ -184,6 +185,7 @@ def main():
                      "peft": __import__("peft").__version__, "morphkit": morphkit.__version__,
                      "python": platform.python_version()},
         "command": "python benchmarks/bench_inversion.py " + " ".join(sys.argv[1:]),
+        **describe(),
         "iterations": measure_iterations(pipe, photos, schedule, args.repeats),
     }
     if not args.no_precision:

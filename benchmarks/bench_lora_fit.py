@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from machine import describe, machine_line  # noqa: E402
+
 GRID = [(steps, lr) for steps in (50, 100, 200) for lr in (2e-4, 5e-4, 1e-3)]
 
 
@@ -62,12 +64,11 @@ def main():
         print(rows[-1], flush=True)
     label = f"{Path(args.model).name}-{args.device}"
     report = {"command": "python benchmarks/bench_lora_fit.py" + (f" --model {args.model}" if args.model != "tiny" else ""),
-              "threads": torch.get_num_threads() if args.device == "cpu" else None, "torch": torch.__version__,
-              "resolution": args.resolution, "rows": rows}
+              **describe(), "resolution": args.resolution, "rows": rows}
     out = HERE / "results"
     (out / f"lora-fit-{label}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# LoRA fit: steps against learning rate ({label})", "", f"Command: `{report['command']}`; "
-             f"{args.resolution} px, 16 frames, 50 steps, morphkit's defaults otherwise; torch {report['torch']}.", "",
+    lines = [f"# LoRA fit: steps against learning rate ({label})", "", machine_line(report) + "; "
+             f"{args.resolution} px, 16 frames, 50 steps, morphkit's defaults otherwise.", "",
              "| LoRA steps | lr | fit s | morph s | end PSNR dB | PPL (l2) | PDV (l2) |", "|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['lora_steps']} | {r['lora_lr']:g} | {r['fit_s']} | {r['morph_s']} | {r['end_psnr_db']} | "

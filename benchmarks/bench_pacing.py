@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from machine import describe, machine_line
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -62,7 +63,7 @@ def main():
     before = rows["even, full first pass (before)"]
     report = {
         "command": "python benchmarks/bench_pacing.py",
-        "device": f"CPU ({platform.machine()}, 1 thread)",
+        **describe(threads=1),
         "settings": {"frames": base.frames, "steps": base.steps, "attn_lambda": base.attn_lambda, "distance": "l2",
                      "pairs": [f"{a.name} -> {b.name}" for a, b in PAIRS]},
         "rows": {name: {"render_s": [round(s, 2) for s in r["seconds"]], "pdv": [round(p, 4) for p in r["pdv"]],
@@ -74,7 +75,7 @@ def main():
     out.mkdir(exist_ok=True)
     (out / "pacing-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Even pacing: probe pass against full first pass (tiny model, CPU, 1 thread)", "",
-             f"Command: `{report['command']}`; settings {json.dumps(report['settings'])}", "",
+             machine_line(report) + f"; settings {json.dumps(report['settings'])}", "",
              "| pacing | render s (3 pairs) | PDV per pair | PDV / before |", "|---|---:|---|---|"]
     for name, r in report["rows"].items():
         lines.append(f"| {name} | {r['render_s_total']} | {', '.join(map(str, r['pdv']))} | "

@@ -24,6 +24,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from morphkit.models import load_pipeline  # noqa: E402
 from morphkit.morph import MorphSettings, prepare_pair, render_morph  # noqa: E402
 
+from machine import describe, machine_line  # noqa: E402
+
 PHOTOS = HERE.parent / "dataset" / "photos"
 
 
@@ -48,7 +50,8 @@ def main():
             ("Render again, λ 0.6 → 0.3", rerender_s, "nothing fitted or inverted")]
     device = pipe.unet.device.type
     lines = [f"# A render-only change after Prepare (tiny, 64 px, {device}, {torch.get_num_threads()} threads)", "",
-             "Command: `python benchmarks/bench_rerender.py`", "", "| stage | seconds | |", "|---|---:|---|"]
+             machine_line({"command": "python benchmarks/bench_rerender.py", **describe()}), "", "| stage | seconds | |",
+             "|---|---:|---|"]
     lines += [f"| {name} | {seconds:.1f} | {what} |" for name, seconds, what in rows]
     (HERE / "results" / f"rerender-{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -36,19 +35,12 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
+from machine import describe, machine_line  # noqa: E402
+
 PHOTOS = REPO / "dataset" / "photos"
 PROMPTS = ("a photo of an astronaut", "a photo of a cat")
 TINY = dict(frames=16, steps=50, lora_steps=200, resolution=64)
 SD15_CPU = dict(frames=4, steps=4, lora_steps=4, resolution=128)
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2")))
 
 
 def quality(frames, pipe, images) -> dict:
@@ -121,8 +113,7 @@ def main():
     from morphkit.tiny import tiny_model_path
 
     torch.set_num_threads(1)
-    report = {"command": "python benchmarks/bench_summary.py", "threads": 1, "cpu": platform.processor() or
-              platform.machine(), "cpu_flags": cpu_flags(), "torch": torch.__version__}
+    report = {"command": "python benchmarks/bench_summary.py", **describe(threads=1)}
     tiny = load_pipeline("tiny", device="cpu")
     images = [load_image(PHOTOS / "astronaut.jpg", 64)]
     images.append(cover_resize(load_image(PHOTOS / "chelsea.jpg"), images[0].size))
@@ -145,8 +136,7 @@ def main():
     }
     summary_path.parent.mkdir(exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["# Speed summary (CPU, one thread)", "", f"Command: `{report['command']}`; CPU {report['cpu']}, flags "
-             f"{', '.join(report['cpu_flags'])}; torch {report['torch']}", "",
+    lines = ["# Speed summary (CPU, one thread)", "", machine_line(report), "",
              "| ratio | morphkit s | reference s | speed-up | morphkit end PSNR / PPL / PDV | reference end PSNR / PPL / PDV |",
              "|---|---:|---:|---:|---|---|"]
     for key in ("tiny_defaults", "tiny_cli", "sd15_128_defaults"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from morphkit.inversion import image_psnr  # noqa: E402
 from morphkit.metrics import evaluate  # noqa: E402
 from morphkit.models import decode_latents, load_pipeline  # noqa: E402
 from morphkit.morph import MorphSettings, prepare_pair, render_morph  # noqa: E402
+
+from machine import describe, machine_line  # noqa: E402
 
 PHOTOS = HERE.parent / "dataset" / "photos"
 
@@ -62,10 +63,10 @@ def main():
     device = str(pipe.unet.device)
     out = HERE / "results" / f"tuning-free-{pipe.unet.device.type}"
     meta = {"command": "python benchmarks/bench_tuning_free.py", "model": args.model, "resolution": args.resolution,
-            "device": device, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+            "device": device, **describe()}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# Tuning-free against default morph ({args.model}, {args.resolution} px, {device})", "",
-             f"Command: `{meta['command']}`; {meta['threads']} threads. Defaults: 16 frames, 50 steps, even "
+             machine_line(meta) + ". Defaults: 16 frames, 50 steps, even "
              "pacing, fixed-point inversion; PPL/PDV by l2.", "",
              "| mode | time (s) | of which LoRA fit (s) | PPL | PDV | end PSNR vs VAE round trip, A and B (dB) |",
              "|---|---|---|---|---|---|"]

@@ -40,6 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from machine import describe, machine_line  # noqa: E402
 import morphkit  # noqa: E402
 from morphkit.inversion import ddim_schedule  # noqa: E402
 from morphkit.lora import LoraShape, add_lora, adapter_weights, one_hot_weights  # noqa: E402
@@ -185,6 +186,7 @@ def main():
     report = {
         "command": "python benchmarks/memory_sd15.py",
         "what": "estimated peak memory per morph stage, full-size SD 1.5, fp16, no GPU (fake tensors)",
+        **describe(),
         "settings": SETTINGS,
         "peak_gib": {k: round(v / GIB, 2) for k, v in peaks.items()},
         "attention_store_gib": round(store_bytes / GIB, 2),
@@ -196,7 +198,8 @@ def main():
     out.mkdir(exist_ok=True)
     (out / "sd15-memory-estimate.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Peak memory per morph stage, full-size SD 1.5 at 512 px, fp16 (estimate, no GPU)", "",
-             f"Command: `{report['command']}`  ", f"settings {json.dumps(SETTINGS)}  ",
+             machine_line(report) + " (an estimate: the machine does not change it)  ",
+             f"settings {json.dumps(SETTINGS)}  ",
              f"versions {json.dumps(report['versions'])}", "",
              "Counted by running morphkit's stage code on fake tensors (see the script's docstring for what is and",
              "is not counted). Each figure is the most memory alive at any moment of the stage, weights included.", "",

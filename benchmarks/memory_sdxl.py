@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from machine import describe, machine_line  # noqa: E402
 import morphkit  # noqa: E402
 from memory_sd15 import LiveBytes, fake_weights  # noqa: E402
 from morphkit.families import SDXL, PromptEmbeds, time_ids  # noqa: E402
@@ -150,6 +151,7 @@ def write(peaks: dict, store_bytes: int, seconds: float, quick: bool):
     report = {
         "command": "python benchmarks/memory_sdxl.py" + (" --quick" if quick else ""),
         "what": "estimated peak memory per morph stage, full-size SDXL base, 1024 px, fp16, no GPU (fake tensors)",
+        **describe(),
         "settings": SETTINGS,
         "peak_gib": {k: round(v / GIB, 2) for k, v in peaks.items()},
         "attention_store_gib": round(store_bytes / GIB, 2),
@@ -162,7 +164,8 @@ def write(peaks: dict, store_bytes: int, seconds: float, quick: bool):
     out.mkdir(exist_ok=True)
     (out / "sdxl-memory-estimate.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# Peak memory per morph stage, full-size SDXL at 1024 px, fp16 (estimate, no GPU)", "",
-             f"Command: `{report['command']}`  ", f"settings {json.dumps(SETTINGS)}  ",
+             machine_line(report) + " (an estimate: the machine does not change it)  ",
+             f"settings {json.dumps(SETTINGS)}  ",
              f"versions {json.dumps(report['versions'])}", "",
              "Counted by running morphkit's stage code on fake tensors (see memory_sdxl.py's docstring for what is and",
              "is not counted). Each figure is the most memory alive at any moment of the stage, weights included.", "",
