@@ -36,6 +36,7 @@ from morphkit.models import SD15_CONFIG, decode_latents, encode_image, encode_pr
 from morphkit.images import cover_resize  # noqa: E402
 from morphkit.morph import invert_under_loras  # noqa: E402
 from morphkit.train import EncodedExample, TrainSettings, fit_lora, fit_loras  # noqa: E402
+from machine import cpu_name, describe, machine_line  # noqa: E402
 from reference import reference_morph  # noqa: E402
 
 PRESETS = {
@@ -137,42 +138,105 @@ def main():
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="morphkit's dtype: fp16 on CUDA and fp32 on CPU unless given.")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--frames", type=int, default=None, help="Override the preset's frame count.")
+    parser.add_argument("--steps", type=int, default=None, help="Override the preset's sampling steps.")
+    parser.add_argument("--lora-steps", type=int, default=None, help="Override the preset's LoRA steps.")
+    parser.add_argument("--no-stages", action="store_true", help="Skip the rows that time each stage alone.")
+    parser.add_argument("--reference", choices=["fp32", "both", "none"], default="both",
+                        help="The reference in fp32 (the headline ratio), also in morphkit's dtype (both, the "
+                             "default), or not at all.")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="Time only morphkit's default morph (no plain morph, so no ratio to the reference).")
     args = parser.parse_args()
+    if args.no_reference:
+        args.reference = "none"
 
     device = resolve_device(args.device)
     if args.size == "sdxl" and device.type != "cuda":
         sys.exit("--size sdxl is for a CUDA GPU: full-size SDXL in fp32 on a CPU needs tens of GB and hours.")
     torch.set_num_threads(os.cpu_count() or 1)
-    settings = PRESETS["sd15-cpu" if args.size == "sd15" and device.type == "cpu" else "full"]
+    settings = dict(PRESETS["sd15-cpu" if args.size == "sd15" and device.type == "cpu" else "full"])
+    settings.update({k: v for k, v in (("frames", args.frames), ("steps", args.steps),
+                                       ("lora_steps", args.lora_steps)) if v is not None})
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
-    timings, memory = {}, {}
-
-    def record(name, timer, per=1, result=None):
-        timings[name] = timer.seconds / per
-        if result is not None and result.peak_memory:  # morph resets the peak at each stage: take its stages' peak
-            memory[name] = round(max(result.peak_memory.values()) / 2**30, 2)
-        elif timer.peak_gib is not None:
-            memory[name] = round(timer.peak_gib, 2)
+    report = Report(args, device, dtype, settings)
 
     with Timer(device) as t:
         pipe = BUILDERS[args.size](device, dtype)
-    record("model load" if args.size == "tiny" else "model build (random weights)", t)
+    report.record("model load" if args.size == "tiny" else "model build (random weights)", t)
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    resolution = settings["resolution"] or 8 * pipe.unet.config.sample_size
+    resolution = settings["resolution"] = settings["resolution"] or 8 * pipe.unet.config.sample_size
     img_a = load_image(PHOTOS / "astronaut.jpg", resolution)
+    settings["frame size"] = list(img_a.size)
     prompts = ("a photo of an astronaut", "a photo of a cat")
 
-    if args.size != "sdxl":
-        stage_rows(pipe, device, settings, img_a, prompts, record)
+    if args.size != "sdxl" and not args.no_stages:
+        stage_rows(pipe, device, settings, img_a, prompts, report.record)
 
     # --- the whole morph: morphkit, then the reference, on the same pipeline ---
     common = dict(prompt_a=prompts[0], prompt_b=prompts[1], frames=settings["frames"], steps=settings["steps"],
                   lora_steps=settings["lora_steps"], resolution=resolution, formats=(), cache=False, progress=False)
-    whole_morphs(pipe, device, settings, common, args, timings, memory, record)
-    report_and_write(args, device, dtype, settings, resolution, img_a, timings, memory)
+    whole_morphs(pipe, device, settings, common, args, report)
+    print("\n".join(report.save()))
+
+
+class Report:
+    """The rows so far, written out after every one: a run stopped at a time limit keeps what it measured."""
+
+    def __init__(self, args, device, dtype, settings: dict):
+        self.args, self.device, self.dtype, self.settings = args, device, dtype, settings
+        self.timings, self.memory, self.note = {}, {}, ""
+
+    def record(self, name, timer, per=1, result=None):
+        self.timings[name] = timer.seconds / per
+        if result is not None and result.peak_memory:  # morph resets the peak at each stage: take its stages' peak
+            self.memory[name] = round(max(result.peak_memory.values()) / 2**30, 2)
+        elif timer.peak_gib is not None:
+            self.memory[name] = round(timer.peak_gib, 2)
+        self.save()
+
+    def add(self, name, seconds, memory_gib=None):
+        self.timings[name] = seconds
+        if memory_gib is not None:
+            self.memory[name] = memory_gib
+
+    def stem(self) -> str:
+        a = self.args
+        return (f"{a.size}-{self.device.type}" + (f"-{a.dtype}" if a.dtype else "")
+                + ("-channels-last" if a.channels_last else "") + ("-compile" if a.compile else ""))
+
+    def save(self) -> list[str]:
+        """Write <stem>.json and .md into --out; returns the Markdown lines."""
+        args, device = self.args, self.device
+        report = {
+            "size": args.size,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({cpu_name()})",
+            "command": "python benchmarks/bench_morph.py " + " ".join(sys.argv[1:]),
+            **describe(),
+            "dtype": str(self.dtype).replace("torch.", "") + (", channels-last" if args.channels_last else ""),
+            "settings": self.settings,
+            "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+                         "peft": __import__("peft").__version__, "morphkit": morphkit.__version__,
+                         "python": platform.python_version()},
+            "seconds": {k: round(v, 4) for k, v in self.timings.items()},
+            "peak_gpu_memory_gib": self.memory or "n/a (CPU)",
+            "peak_host_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "morphkit_defaults": self.note,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{self.stem()}.json").write_text(json.dumps(report, indent=2) + "\n")
+        lines = [f"# morph benchmark: {args.size} on {report['device']}", "", machine_line(report) + "  ",
+                 f"dtype {report['dtype']}; settings {json.dumps(report['settings'])}  ",
+                 f"versions {json.dumps(report['versions'])}", "", "| stage | seconds | peak GPU GiB |", "|---|---|---|"]
+        for k, v in self.timings.items():
+            lines.append(f"| {k} | {v:.4f} | {self.memory.get(k, '')} |")
+        lines += ["", f"Peak host memory (max RSS): {report['peak_host_memory_gib']} GiB  ",
+                  f"morphkit defaults: {self.note}"]
+        (args.out / f"{self.stem()}.md").write_text("\n".join(lines) + "\n")
+        return lines
 
 
 def stage_rows(pipe, device, settings, img_a, prompts, record):
@@ -207,103 +271,76 @@ def stage_rows(pipe, device, settings, img_a, prompts, record):
     pipe.unet.delete_adapters("bench")
 
 
-def whole_morphs(pipe, device, settings, common, args, timings, memory, record):
+def whole_morphs(pipe, device, settings, common, args, report: Report):
     """The whole morph: morphkit's plain one (the reference's algorithm), its defaults, then the reference."""
-    lora_steps, dtype = settings["lora_steps"], pipe.unet.dtype
-    resolution = common["resolution"]
-    img_a = load_image(PHOTOS / "astronaut.jpg", resolution)
-    img_b = cover_resize(load_image(PHOTOS / "chelsea.jpg"), img_a.size)
-    prompts = (common["prompt_a"], common["prompt_b"])
     # Against the reference, the same algorithm: plain slerp + adapter blend, linear α, no attention
     # interpolation or AdaIN. What morphkit's defaults add is timed after it, on its own line.
     plain = dict(attn_lambda=0.0, adain=False, pacing="linear")
-    with Timer(device) as t:
-        result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common, **plain)
-    record("morphkit: whole morph", t, result=result)
-    for stage, seconds in result.timings.items():
-        timings[f"morphkit: {stage}"] = seconds
-        if stage in result.peak_memory:
-            memory[f"morphkit: {stage}"] = round(result.peak_memory[stage] / 2**30, 2)
-    timings["morphkit: rendering per frame"] = result.timings["render"] / settings["frames"]
-    for name in ("img0", "img1"):
-        pipe.unet.delete_adapters(name)
-    with Timer(device) as t:
-        result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common)
-    record("morphkit defaults (attention interpolation, AdaIN, even pacing): whole morph", t, result=result)
-    timings["_note"] = (f"attention store {result.attention_bytes / 2**20:.1f} MiB, {len(result.rerendered)} frames "
-                        f"re-rendered, pacing probe {result.probe_steps} steps")
-    timings["morphkit defaults: render"] = result.timings["render"]
+    if not args.defaults_only:
+        result = timed_morph(pipe, device, common, plain, "morphkit: whole morph", report)
+        for stage, seconds in result.timings.items():
+            peak = result.peak_memory.get(stage)
+            report.add(f"morphkit: {stage}", seconds, None if peak is None else round(peak / 2**30, 2))
+        report.add("morphkit: rendering per frame", result.timings["render"] / settings["frames"])
+    result = timed_morph(pipe, device, common, {},
+                         "morphkit defaults (attention interpolation, AdaIN, even pacing): whole morph", report)
+    report.note = (f"attention store {result.attention_bytes / 2**20:.1f} MiB, {len(result.rerendered)} frames "
+                   f"re-rendered, pacing probe {result.probe_steps} steps")
+    report.add("morphkit defaults: render", result.timings["render"])
+    report.save()
     if args.compile:
         for label, options in (("morphkit", plain), ("morphkit defaults", {})):
             for run in ("first run, compiling", "second run"):
-                for name in ("img0", "img1"):
-                    pipe.unet.delete_adapters(name)
-                with Timer(device) as t:
-                    result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common,
-                                            **options, compile_unet=True)
-                record(f"{label} + torch.compile ({run}): whole morph", t, result=result)
-                timings[f"{label} + torch.compile ({run}): render"] = result.timings["render"]
-    if not args.no_reference:
-        for name in ("img0", "img1"):
+                result = timed_morph(pipe, device, common, {**options, "compile_unet": True},
+                                     f"{label} + torch.compile ({run}): whole morph", report)
+                report.add(f"{label} + torch.compile ({run}): render", result.timings["render"])
+    if args.reference != "none":
+        reference_morphs(pipe, device, settings, common, args, report)
+
+
+def timed_morph(pipe, device, common: dict, options: dict, label: str, report: Report):
+    """One whole morph in-process on `pipe` (its adapters from an earlier morph removed first), timed as `label`."""
+    for name in ("img0", "img1"):
+        if name in getattr(pipe.unet, "peft_config", {}):
             pipe.unet.delete_adapters(name)
-        # The reference as the issue defines it runs in fp32. Where morphkit runs in another dtype (fp16 on
-        # CUDA), the reference also runs in morphkit's dtype, so the ratio can be read both ways.
-        runs = [(torch.float32, "reference: whole morph")]
-        if dtype != torch.float32:
-            runs.append((dtype, f"reference in {str(dtype).replace('torch.', '')}: whole morph"))
-        for ref_dtype, label in runs:
-            if ref_dtype == dtype:
-                ref_pipe = pipe
-            else:
-                ref_pipe = BUILDERS[args.size](device, ref_dtype)
-                if args.channels_last:
-                    ref_pipe.unet.to(memory_format=torch.channels_last)
-                    ref_pipe.vae.to(memory_format=torch.channels_last)
-            tensors = [to_tensor(img).to(device, ref_dtype) for img in (img_a, img_b)]
-            with Timer(device) as t:
-                reference_morph(ref_pipe, *tensors, *prompts, settings["frames"], settings["steps"], lora_steps)
-            record(label, t)
-            if ref_pipe is not pipe:
-                del ref_pipe
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        timings["speed-up (reference / morphkit)"] = timings["reference: whole morph"] / timings["morphkit: whole morph"]
+    with Timer(device) as t:
+        result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common, **options)
+    report.record(label, t, result=result)
+    return result
+
+
+def reference_morphs(pipe, device, settings, common, args, report: Report):
+    """The reference as the issue defines it runs in fp32. Where morphkit runs in another dtype (fp16 on CUDA) and
+    `--reference both`, it also runs in morphkit's dtype, so the ratio can be read both ways."""
+    dtype = pipe.unet.dtype
+    for name in ("img0", "img1"):
+        if name in getattr(pipe.unet, "peft_config", {}):
+            pipe.unet.delete_adapters(name)
+    img_a = load_image(PHOTOS / "astronaut.jpg", common["resolution"])
+    img_b = cover_resize(load_image(PHOTOS / "chelsea.jpg"), img_a.size)
+    runs = [(torch.float32, "reference: whole morph")]
+    if dtype != torch.float32 and args.reference == "both":
+        runs.append((dtype, f"reference in {str(dtype).replace('torch.', '')}: whole morph"))
+    for ref_dtype, label in runs:
+        ref_pipe = pipe if ref_dtype == dtype else BUILDERS[args.size](device, ref_dtype)
+        if args.channels_last and ref_pipe is not pipe:
+            ref_pipe.unet.to(memory_format=torch.channels_last)
+            ref_pipe.vae.to(memory_format=torch.channels_last)
+        tensors = [to_tensor(img).to(device, ref_dtype) for img in (img_a, img_b)]
+        with Timer(device) as t:
+            reference_morph(ref_pipe, *tensors, common["prompt_a"], common["prompt_b"], settings["frames"],
+                            settings["steps"], settings["lora_steps"])
+        report.record(label, t)
+        if ref_pipe is not pipe:
+            del ref_pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    ours = report.timings.get("morphkit: whole morph")
+    if ours:
+        report.add("speed-up (reference / morphkit)", report.timings["reference: whole morph"] / ours)
         if len(runs) > 1:
-            timings["speed-up (reference in morphkit's dtype / morphkit)"] = (
-                timings[runs[1][1]] / timings["morphkit: whole morph"])
-
-
-
-def report_and_write(args, device, dtype, settings, resolution, img_a, timings, memory):
-    memory_note = timings.pop("_note")
-    report = {
-        "size": args.size,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dtype": str(dtype).replace("torch.", "") + (", channels-last" if args.channels_last else ""),
-        "settings": {**settings, "resolution": resolution, "frame size": list(img_a.size)},
-        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
-                     "peft": __import__("peft").__version__, "morphkit": morphkit.__version__, "python": platform.python_version()},
-        "command": "python benchmarks/bench_morph.py " + " ".join(sys.argv[1:]),
-        "seconds": {k: round(v, 4) for k, v in timings.items()},
-        "peak_gpu_memory_gib": memory or "n/a (CPU)",
-        "peak_host_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "morphkit_defaults": memory_note,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = (f"{args.size}-{device.type}" + (f"-{args.dtype}" if args.dtype else "") + ("-channels-last" if args.channels_last else "")
-            + ("-compile" if args.compile else ""))
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# morph benchmark: {args.size} on {report['device']}", "",
-             f"Command: `{report['command']}`  ", f"dtype {report['dtype']}; settings {json.dumps(report['settings'])}  ",
-             f"versions {json.dumps(report['versions'])}", "", "| stage | seconds | peak GPU GiB |", "|---|---|---|"]
-    for k, v in timings.items():
-        lines.append(f"| {k} | {v:.4f} | {memory.get(k, '') if memory else ''} |")
-    lines += ["", f"Peak host memory (max RSS): {report['peak_host_memory_gib']} GiB  ",
-              f"morphkit defaults: {memory_note}"]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
+            report.add("speed-up (reference in morphkit's dtype / morphkit)", report.timings[runs[1][1]] / ours)
+    report.save()
 
 
 if __name__ == "__main__":
