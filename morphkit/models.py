@@ -484,6 +484,10 @@ def stage_precision(module: torch.nn.Module, dtype: str | torch.dtype = EXACT_ST
     in fp32 this costs nothing. Yields the precision the stage runs in ("fp32", or the module's own when
     nothing was cast or `enabled` is False), for the summary. Build eps callables inside the block: they
     look up the module's dtype once.
+
+    Raised to fp32, the stage also runs without TF32 (cuDNN convolutions use it by default on Ampere and
+    later GPUs, with a 10-bit mantissa): an fp32 stage is fp32 throughout, and the inversion and the end frames
+    it serves compute ε the same way. A pipeline already in fp32 keeps the user's TF32 settings for every stage.
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     raised = []
@@ -492,9 +496,13 @@ def stage_precision(module: torch.nn.Module, dtype: str | torch.dtype = EXACT_ST
             if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < torch.finfo(dtype).bits:
                 raised.append((tensor, tensor.dtype))
                 tensor.data = tensor.data.to(dtype)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if raised and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield module_precision(module)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for tensor, original in raised:
             tensor.data = tensor.data.to(original)
 

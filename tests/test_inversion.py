@@ -233,9 +233,17 @@ def test_a_bf16_pipeline_inverts_in_fp32_and_gets_its_weights_back_bit_for_bit(m
         return latent_error(sample_ddim(model, noise, schedule), z0)
 
     as_loaded = round_trip()
-    with stage_precision(pipe.unet) as precision:
-        assert precision == "fp32" and pipe.unet.dtype == torch.float32
-        raised = round_trip()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as a user (or cuDNN) may have it
+    try:
+        with stage_precision(pipe.unet) as precision:
+            assert precision == "fp32" and pipe.unet.dtype == torch.float32
+            # fp32 throughout: no TF32 in matrix products or convolutions while raised
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            raised = round_trip()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # given back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert precision == "fp32" and raised < as_loaded / 100, (raised, as_loaded)
     after = pipe.unet.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
@@ -245,8 +253,10 @@ def test_a_bf16_pipeline_inverts_in_fp32_and_gets_its_weights_back_bit_for_bit(m
 
 def test_stage_precision_leaves_an_fp32_pipeline_alone(tiny_pipe):
     pointers = [p.data_ptr() for p in tiny_pipe.unet.parameters()]
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
     with stage_precision(tiny_pipe.unet) as precision:
         assert [p.data_ptr() for p in tiny_pipe.unet.parameters()] == pointers
+        assert torch.backends.cudnn.allow_tf32 == cudnn_tf32  # the user's settings, as every other stage has them
     with stage_precision(tiny_pipe.unet, enabled=False) as off:
         pass
     assert precision == off == "fp32"
