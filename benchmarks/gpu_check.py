@@ -120,15 +120,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="Only the CUDA tests and the SD 1.5 benchmark.")
     parser.add_argument("--out", type=Path, default=None, help="Also copy every file written into this folder.")
     parser.add_argument("--dry-run", action="store_true",
-                        help="Without a GPU: the same steps on the tiny model on the CPU, results in a temporary "
-                             "folder (or --out), to check this script before a GPU session spends its time on it.")
+                        help="Without a GPU: the same steps on the tiny model on the CPU, results in --out (or a "
+                             "temporary folder), to check this script before a GPU session spends its time on it.")
     args = parser.parse_args()
     start = time.perf_counter()
     report = {"command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]), **describe()}
     if "gpu" not in report and not args.dry_run:
         sys.exit("gpu_check: no CUDA device here. It is for machines with one; on the CPU run the test suite and "
                  "benchmarks/bench_summary.py (or this script with --dry-run, to check it).")
-    results = Path(tempfile.mkdtemp(prefix="gpu-check-")) if args.dry_run else RESULTS
+    results = (args.out or Path(tempfile.mkdtemp(prefix="gpu-check-"))) if args.dry_run else RESULTS
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
     if args.dry_run:
         env["MORPHKIT_CUDA_TESTS_DEVICE"] = "cpu"
@@ -144,7 +144,7 @@ def main():
         else:
             report["parts"].append(run_part(name, command, limit, env))
         written = write_report(report, results, stems, args.dry_run)
-        if args.out is not None:
+        if args.out is not None and args.out.resolve() != results.resolve():
             args.out.mkdir(parents=True, exist_ok=True)
             for path in written:
                 shutil.copy2(path, args.out / path.name)
