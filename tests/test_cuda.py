@@ -67,9 +67,14 @@ def test_the_gpu_renders_what_the_cpu_renders(device, pair):
     import numpy as np
 
     frames = {}
-    for where in (device, "cpu"):
-        s = settings(where, "fp32", tuning_free=True, attn_lambda=0.6, adain=True, batch_size=2)  # the store in use
-        frames[where] = render_morph(prepare_pair(*pair, s, progress=False), s, progress=False)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # cuDNN's default TF32 convolutions are not fp32: compare fp32 with fp32
+    try:
+        for where in (device, "cpu"):
+            s = settings(where, "fp32", tuning_free=True, attn_lambda=0.6, adain=True, batch_size=2)  # store in use
+            frames[where] = render_morph(prepare_pair(*pair, s, progress=False), s, progress=False)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     assert frames[device].attention_bytes > 0
     for a, b in zip(frames[device].frames, frames["cpu"].frames):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 3
