@@ -32,7 +32,8 @@ import morphkit  # noqa: E402
 from morphkit.images import load_image, to_tensor  # noqa: E402
 from morphkit.inversion import Inversion, ddim_schedule, eps_model, invert_ddim  # noqa: E402
 from morphkit.lora import adapter_weights  # noqa: E402
-from morphkit.models import SD15_CONFIG, decode_latents, encode_image, encode_prompt, load_pipeline, resolve_device  # noqa: E402
+from morphkit.models import (SD15_CONFIG, decode_latents, encode_conditioning, encode_image, encode_prompt,  # noqa: E402
+                             load_pipeline, resolve_device)
 from morphkit.images import cover_resize  # noqa: E402
 from morphkit.morph import invert_under_loras  # noqa: E402
 from morphkit.train import EncodedExample, TrainSettings, fit_lora, fit_loras  # noqa: E402
@@ -142,11 +143,14 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="Override the preset's sampling steps.")
     parser.add_argument("--lora-steps", type=int, default=None, help="Override the preset's LoRA steps.")
     parser.add_argument("--no-stages", action="store_true", help="Skip the rows that time each stage alone.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: OMP_NUM_THREADS where set, else every core).")
     parser.add_argument("--reference", choices=["fp32", "both", "none"], default="both",
                         help="The reference in fp32 (the headline ratio), also in morphkit's dtype (both, the "
                              "default), or not at all.")
     parser.add_argument("--defaults-only", action="store_true",
-                        help="Time only morphkit's default morph (no plain morph, so no ratio to the reference).")
+                        help="Time only morphkit's default morph, not the plain one (the reference's algorithm): "
+                             "the ratio against the reference is then the defaults' alone.")
     args = parser.parse_args()
     if args.no_reference:
         args.reference = "none"
@@ -154,7 +158,7 @@ def main():
     device = resolve_device(args.device)
     if args.size == "sdxl" and device.type != "cuda":
         sys.exit("--size sdxl is for a CUDA GPU: full-size SDXL in fp32 on a CPU needs tens of GB and hours.")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
     settings = dict(PRESETS["sd15-cpu" if args.size == "sd15" and device.type == "cpu" else "full"])
     settings.update({k: v for k, v in (("frames", args.frames), ("steps", args.steps),
                                        ("lora_steps", args.lora_steps)) if v is not None})
@@ -175,6 +179,8 @@ def main():
 
     if args.size != "sdxl" and not args.no_stages:
         stage_rows(pipe, device, settings, img_a, prompts, report.record)
+    else:
+        warm_up(pipe, img_a)
 
     # --- the whole morph: morphkit, then the reference, on the same pipeline ---
     common = dict(prompt_a=prompts[0], prompt_b=prompts[1], frames=settings["frames"], steps=settings["steps"],
@@ -202,6 +208,7 @@ class Report:
         self.timings[name] = seconds
         if memory_gib is not None:
             self.memory[name] = memory_gib
+        self.save()
 
     def stem(self) -> str:
         a = self.args
@@ -225,9 +232,11 @@ class Report:
             "peak_gpu_memory_gib": self.memory or "n/a (CPU)",
             "peak_host_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "morphkit_defaults": self.note,
+            # what "fp32" means on a GPU: morphkit's exact stages turn TF32 off (models.stage_precision)
+            "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{self.stem()}.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_atomically(args.out / f"{self.stem()}.json", json.dumps(report, indent=2) + "\n")
         lines = [f"# morph benchmark: {args.size} on {report['device']}", "", machine_line(report) + "  ",
                  f"dtype {report['dtype']}; settings {json.dumps(report['settings'])}  ",
                  f"versions {json.dumps(report['versions'])}", "", "| stage | seconds | peak GPU GiB |", "|---|---|---|"]
@@ -235,8 +244,27 @@ class Report:
             lines.append(f"| {k} | {v:.4f} | {self.memory.get(k, '')} |")
         lines += ["", f"Peak host memory (max RSS): {report['peak_host_memory_gib']} GiB  ",
                   f"morphkit defaults: {self.note}"]
-        (args.out / f"{self.stem()}.md").write_text("\n".join(lines) + "\n")
+        write_atomically(args.out / f"{self.stem()}.md", "\n".join(lines) + "\n")
         return lines
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A stopped run leaves the last whole file, never a cut-off one (the GPU check reads them as they come)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
+def warm_up(pipe, img):
+    """One VAE round trip and two UNet calls, untimed: the first morph timed must not pay the device's first-use
+    costs (CUDA context, cuBLAS / cuDNN algorithm choice) when no stage rows ran before it."""
+    with torch.no_grad():
+        latent = encode_image(pipe, img)
+        decode_latents(pipe, latent)
+        model = eps_model(pipe.unet, encode_conditioning(pipe, "a photo", img.size[::-1]).to(latent.device))
+        for _ in range(2):
+            model(latent, torch.tensor(999))
+    sync(latent.device)
 
 
 def stage_rows(pipe, device, settings, img_a, prompts, record):
@@ -340,6 +368,9 @@ def reference_morphs(pipe, device, settings, common, args, report: Report):
         report.add("speed-up (reference / morphkit)", report.timings["reference: whole morph"] / ours)
         if len(runs) > 1:
             report.add("speed-up (reference in morphkit's dtype / morphkit)", report.timings[runs[1][1]] / ours)
+    defaults = report.timings.get("morphkit defaults (attention interpolation, AdaIN, even pacing): whole morph")
+    if defaults:  # what bench_summary.py's ratios compare: morphkit's defaults against the reference
+        report.add("speed-up (reference / morphkit defaults)", report.timings["reference: whole morph"] / defaults)
     report.save()
 
 

@@ -6,8 +6,9 @@
 #
 # That machine's image has Python 3.12 with torch (CUDA), transformers, peft, accelerate, safetensors, imageio,
 # opencv and typer, but no diffusers. diffusers, peft and transformers travel at this environment's versions
-# (pure-Python wheels, about 21 MB together; the call carries at most 64 MiB). imageio-ffmpeg (68 MB) does not
-# fit: the GPU check writes no MP4.
+# (pure-Python wheels, about 21 MB together; the call carries at most 64 MiB). Their other needs are in the image
+# at versions that fit (transformers 5.23 asks regex>=2025.10.22, as the image's 5.17 does; huggingface-hub 1.33,
+# tokenizers 0.23.2). imageio-ffmpeg (68 MB) does not fit: the GPU check writes no MP4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

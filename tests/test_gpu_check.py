@@ -24,8 +24,10 @@ def test_the_dry_run_runs_every_part_and_brings_back_its_files(tmp_path):
     # what a device call brings back: at most 8 files, each model's rows among them
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) <= 8 and {"tiny-cpu-fp32.json", "tiny-cpu.json"} <= set(names)
+    assert not [n for n in names if n.endswith(".part")]  # every file replaced whole
     rows = json.loads((tmp_path / "tiny-cpu-fp32.json").read_text())["seconds"]
     assert rows["reference: whole morph"] > 0 and rows["speed-up (reference / morphkit)"] > 0
+    assert rows["speed-up (reference / morphkit defaults)"] > 0
     defaults_only = json.loads((tmp_path / "tiny-cpu.json").read_text())["seconds"]
     assert "morphkit: whole morph" not in defaults_only and "reference: whole morph" not in defaults_only
 
