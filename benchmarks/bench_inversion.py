@@ -1,6 +1,6 @@
 """Round-trip error and cost of DDIM inversion, plain and fixed-point, to choose the defaults by measurement.
 
-    python benchmarks/bench_inversion.py --model tiny          # 64 px, 50 steps (~20 min on a shared 2-core CPU)
+    python benchmarks/bench_inversion.py --model tiny          # 64 px, 50 steps (~8 min, one thread)
 
 For each of three cases, on the two dataset photos (A framed at 64 px, B covered and cropped to A's frame,
 as morph frames them):

@@ -42,10 +42,11 @@ sys.path.insert(0, str(HERE.parent))
 
 from machine import describe, machine_line  # noqa: E402
 import morphkit  # noqa: E402
-from morphkit.inversion import ddim_schedule  # noqa: E402
+from morphkit.inversion import Inversion, ddim_schedule  # noqa: E402
 from morphkit.lora import LoraShape, add_lora, adapter_weights, one_hot_weights  # noqa: E402
 from morphkit.models import SD15_CONFIG, decode_latents  # noqa: E402
 from morphkit.morph import ADAPTERS, AttentionStore, attention_steps, invert_under_loras, render_frames  # noqa: E402
+from morphkit.morph.settings import MORPH_INVERSION_ITERATIONS, MORPH_INVERSION_TOLERANCE  # noqa: E402
 from morphkit.train import TrainSettings, diffusion_loss, draw_noise, make_optimizer, mixed_precision, rng  # noqa: E402
 
 GIB = 2**30
@@ -142,13 +143,13 @@ def main():
     with live:  # one step of fit_loras: both LoRAs, one batch of 2, per-sample adapters
         live.reset()
         settings = TrainSettings(data="-", steps=1, rank=SETTINGS["lora_rank"])
-        for group in lora_params.values():
-            for p in group:
-                p.requires_grad_(True)
         optimizer = make_optimizer([p for g in lora_params.values() for p in g], settings, torch.device("meta"))
         train_scheduler = DDPMScheduler.from_config(scheduler.config)
         _, autocast = mixed_precision(unet)  # fit_loras' autocast: fp16, as on CUDA (frozen weights fp16, LoRAs fp32)
         with adapter_weights(unet, one_hot_weights(list(ADAPTERS))):
+            for group in lora_params.values():  # as fit_loras: activating adapters may mark them frozen
+                for p in group:
+                    p.requires_grad_(True)
             noise, timesteps = draw_noise(latents, rng(0, "noise", 0), settings, 1000)
             loss = diffusion_loss(unet, train_scheduler, latents, embeds, noise, timesteps, settings,
                                   autocast, per_sample=True).sum()
@@ -164,7 +165,9 @@ def main():
     schedule = ddim_schedule(scheduler.config, SETTINGS["steps"])
     with live:  # both images inverted in one batch
         live.reset()
-        invert_under_loras(pipe, latents, embeds, list(ADAPTERS), schedule)
+        # the morph's solve (at most 3 iterations a step), as morph runs it
+        invert_under_loras(pipe, latents, embeds, list(ADAPTERS), schedule,
+                           inversion=Inversion(iterations=MORPH_INVERSION_ITERATIONS, tolerance=MORPH_INVERSION_TOLERANCE))
         peaks["inversion (two images, batch 2)"] = live.peak
 
     with live:  # all frames, 8 per batch, with the attention store

@@ -72,11 +72,11 @@ def lora_step(unet, lora_params, latents, cond: PromptEmbeds, adapters):
     """One LoRA training step as morphkit's trainer takes it (fp16 autocast, fp32 LoRA weights, AdamW), with SDXL's
     added conditioning: per-sample adapters, noise at random timesteps, eps loss, backward, optimizer step."""
     params = [p for name in adapters for p in lora_params[name]]
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=2e-4)
     noise, t = torch.randn_like(latents), torch.randint(0, 1000, (len(latents),))
     with adapter_weights(unet, one_hot_weights(list(adapters))), torch.autocast("cpu", dtype=DTYPE):
+        for p in params:  # as fit_loras: activating adapters may mark them frozen
+            p.requires_grad_(True)
         pred = unet(latents + noise, t, cond.embeds, added_cond_kwargs=SDXL.added_cond_kwargs(cond, DTYPE)).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
     loss.backward()
