@@ -110,13 +110,21 @@ def invert_under_loras(pipe, latents: torch.Tensor, embeds: torch.Tensor | Promp
     same ε that rendering samples with, so that sampling maps the noise back onto the latent.
     Returns the noises, their corrections (steps, N, 4, h, w; None for plain DDIM) and paths: see `invert_exact`.
     """
+    with own_adapters_model(pipe, embeds, adapters, guidance, negative) as model:
+        return invert_exact(model, latents, schedule, inversion, disable=not progress, desc=desc)
+
+
+@contextlib.contextmanager
+def own_adapters_model(pipe, embeds, adapters: list[str | None], guidance: float = 1.0, negative=None):
+    """Inside the block, a `model(x, t) -> eps` that runs sample i under adapter `adapters[i]` alone (None: no
+    LoRA) and its own prompt embedding `embeds[i]`, guided against `negative` (shared) when `guidance` is above 1:
+    how each image is inverted, and how its corrections are made along a coarser schedule."""
     unet = pipe.unet
     groups = 1 if guidance == 1.0 else 2
-    neg = None if negative is None else as_prompt_embeds(negative).expand(len(latents))
+    neg = None if negative is None else as_prompt_embeds(negative).expand(len(adapters))
     with adapter_weights(unet, sample_weights(adapters, unet.device, groups)):
-        model = eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
-                          pipe.scheduler.alphas_cumprod)
-        return invert_exact(model, latents, schedule, inversion, disable=not progress, desc=desc)
+        yield eps_model(unet, embeds, neg, guidance, pipe.scheduler.config.prediction_type,
+                        pipe.scheduler.alphas_cumprod)
 
 
 @torch.no_grad()
@@ -126,13 +134,9 @@ def coarse_corrections(pipe, paths, latents, embeds, adapters: list[str | None],
     (`inversion.corrections_along`), under the adapter and prompt it was inverted with, all in one batch per
     step: a probe pass at few steps then brings its end frames back exactly too. `paths`: each (steps, 1, ...),
     on any device."""
-    unet = pipe.unet
-    groups = 1 if guidance == 1.0 else 2
-    neg = None if negative is None else as_prompt_embeds(negative).expand(len(latents))
+    device = pipe.unet.device
     cond = PromptEmbeds.cat([as_prompt_embeds(e) for e in embeds])
-    with adapter_weights(unet, sample_weights(adapters, unet.device, groups)):
-        model = eps_model(unet, cond, neg, guidance, pipe.scheduler.config.prediction_type,
-                          pipe.scheduler.alphas_cumprod)
-        path = torch.cat(list(paths), dim=1).to(unet.device)  # (kept on the CPU between uses)
-        out = corrections_along(model, path, torch.cat(list(latents)).to(unet.device), schedule, coarse)
+    with own_adapters_model(pipe, cond, adapters, guidance, negative) as model:
+        path = torch.cat(list(paths), dim=1).to(device)  # (kept on the CPU between uses)
+        out = corrections_along(model, path, torch.cat(list(latents)).to(device), schedule, coarse)
     return tuple(out.split(1, dim=1))
