@@ -60,29 +60,42 @@ def quality(frames, pipe, images) -> dict:
     return {"end_psnr_db": ends, "ppl_l2": round(float(distances.sum() * n), 4), "pdv_l2": round(float(pdv(distances)), 4)}
 
 
-def in_process(pipe, settings: dict, images) -> dict:
-    """morphkit at its defaults, then the reference, on the same pipeline."""
+def run_morphkit(pipe, settings: dict, images, **overrides) -> dict:
+    """One whole morphkit morph in-process (LoRAs fitted afresh, nothing cached): seconds, stages, quality."""
     import morphkit
+
+    for name in ("img0", "img1", "ref0", "ref1"):
+        if name in getattr(pipe.unet, "peft_config", {}):
+            pipe.unet.delete_adapters(name)
+    options = dict(prompt_a=PROMPTS[0], prompt_b=PROMPTS[1], formats=(), cache=False, progress=False, **settings)
+    start = time.perf_counter()
+    result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **{**options, **overrides})
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 2), "stages_s": {k: round(v, 2) for k, v in result.timings.items()},
+            "quality": quality(result.frames, pipe, images)}
+
+
+def run_reference(pipe, settings: dict, images) -> dict:
+    """The straightforward morph (`reference.reference_morph`) at the same settings: seconds, quality."""
     from morphkit.images import to_tensor
     from reference import reference_morph
 
-    common = dict(prompt_a=PROMPTS[0], prompt_b=PROMPTS[1], formats=(), cache=False, progress=False, **settings)
     for name in ("img0", "img1"):
         if name in getattr(pipe.unet, "peft_config", {}):
             pipe.unet.delete_adapters(name)
-    start = time.perf_counter()
-    result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **common)
-    ours = time.perf_counter() - start
-    ours_quality = quality(result.frames, pipe, images)
-    for name in ("img0", "img1"):
-        pipe.unet.delete_adapters(name)
     tensors = [to_tensor(img) for img in images]
     start = time.perf_counter()
     frames = reference_morph(pipe, *tensors, *PROMPTS, settings["frames"], settings["steps"], settings["lora_steps"])
-    theirs = time.perf_counter() - start
-    return {"morphkit_s": round(ours, 2), "reference_s": round(theirs, 2), "speedup": round(theirs / ours, 3),
-            "morphkit_stages_s": {k: round(v, 2) for k, v in result.timings.items()},
-            "morphkit_quality": ours_quality, "reference_quality": quality(frames, pipe, images)}
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 2), "quality": quality(frames, pipe, images)}
+
+
+def in_process(pipe, settings: dict, images) -> dict:
+    """morphkit at its defaults, then the reference, on the same pipeline."""
+    ours, theirs = run_morphkit(pipe, settings, images), run_reference(pipe, settings, images)
+    return {"morphkit_s": ours["seconds"], "reference_s": theirs["seconds"],
+            "speedup": round(theirs["seconds"] / ours["seconds"], 3), "morphkit_stages_s": ours["stages_s"],
+            "morphkit_quality": ours["quality"], "reference_quality": theirs["quality"]}
 
 
 def whole_processes(tmp: Path, model: Path) -> dict:
