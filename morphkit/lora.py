@@ -281,7 +281,9 @@ def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
     each layer adds all the adapters' updates in two matrix products (`fused_update`: the down factors stacked,
     each sample's rows weighted, the up factors stacked), a third of PEFT's calls per layer. Otherwise each LoRA
     layer's scale is reshaped to broadcast over the batch dimension of its input. The weights are read when a
-    layer first runs in the context: to change them, enter the context again.
+    layer first runs in the context: to change them, enter the context again. On leaving, the per-sample routes
+    are undone, but the named adapters stay the active ones, at the float weights given (1.0 for a tensor), as
+    `set_adapters` left them: the next `adapter_weights` (or `set_adapters`) chooses again.
     """
     if not weights:  # the base model alone, whatever adapters the UNet holds
         with _adapters_off(unet):
