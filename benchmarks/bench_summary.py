@@ -60,8 +60,9 @@ def quality(frames, pipe, images) -> dict:
     return {"end_psnr_db": ends, "ppl_l2": round(float(distances.sum() * n), 4), "pdv_l2": round(float(pdv(distances)), 4)}
 
 
-def run_morphkit(pipe, settings: dict, images, **overrides) -> dict:
-    """One whole morphkit morph in-process (LoRAs fitted afresh, nothing cached): seconds, stages, quality."""
+def run_morphkit(pipe, settings: dict, images, measure_quality: bool = True, **overrides) -> dict:
+    """One whole morphkit morph in-process (LoRAs fitted afresh, nothing cached): seconds, stages, the precision
+    of each stage and (`measure_quality`) quality."""
     import morphkit
 
     for name in ("img0", "img1", "ref0", "ref1"):
@@ -71,8 +72,11 @@ def run_morphkit(pipe, settings: dict, images, **overrides) -> dict:
     start = time.perf_counter()
     result = morphkit.morph(PHOTOS / "astronaut.jpg", PHOTOS / "chelsea.jpg", pipe=pipe, **{**options, **overrides})
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "stages_s": {k: round(v, 2) for k, v in result.timings.items()},
-            "quality": quality(result.frames, pipe, images)}
+    row = {"seconds": round(seconds, 2), "stages_s": {k: round(v, 2) for k, v in result.timings.items()},
+           "precisions": result.precisions}
+    if measure_quality:
+        row["quality"] = quality(result.frames, pipe, images)
+    return row
 
 
 def run_reference(pipe, settings: dict, images) -> dict:
