@@ -102,9 +102,49 @@ def read_jobs(source: str | os.PathLike, defaults: dict | None = None, output_ro
         if job.error is None:
             try:
                 finish_job(job, defaults or {}, base, root)
+                check_job(job)
             except MorphkitError as e:
                 job.error = str(e)
     return jobs
+
+
+def check_defaults(defaults: dict) -> None:
+    """Check the command line's defaults alone, once, before any job: a bad value there is the command's error
+    (one message, nothing run), not every job's."""
+    for command in COMMANDS:
+        known = command_options(command)
+        given = {k: v for k, v in defaults.items() if k in known and v is not None}
+        if given:
+            check_settings_of(command, given)
+
+
+def check_job(job: Job) -> None:
+    """Everything of a job that can be checked before its model loads: its settings, its images, its LoRA files."""
+    if job.command == "morph":
+        from .morph.pair import check_keyframes
+
+        check_keyframes(job.images, check_settings_of("morph", job.options))
+    else:
+        from .stylize import check_lora_files
+
+        check_settings_of("stylize", job.options)
+        check_lora_files(job.options.get("lora", []), job.options.get("allow_pickle", False))
+
+
+STYLIZE_CHECKED = (("strength", 0.5), ("guidance", 7.5), ("controlnet_scale", 0.5), ("steps", 50), ("lora_scale", 1.0),
+                   ("seed", 0), ("canny_low", None), ("canny_high", None), ("resolution", None))
+
+
+def check_settings_of(command: str, options: dict):
+    """`options` checked as `command`'s settings (the `MorphSettings` of a morph; `stylize`'s own checks)."""
+    if command == "morph":
+        from .morph import MorphSettings
+
+        return MorphSettings.resolve(None, **options)
+    from .stylize import check_settings
+
+    check_settings(*(options.get(k, d) for k, d in STYLIZE_CHECKED))
+    return None
 
 
 def file_jobs(path: Path) -> list[Job]:
@@ -347,11 +387,10 @@ def run_job(job: Job, pipelines: Pipelines, rank: int = 0) -> JobRecord:
 
 
 def _run_morph(job: Job, pipelines: Pipelines) -> tuple[dict, dict]:
-    from .morph import MorphSettings, morph_chain
-    from .morph.pair import check_keyframes
+    from .morph import morph_chain
 
-    settings = MorphSettings.resolve(None, **job.options)
-    check_keyframes(job.images, settings)  # an unreadable image fails before a model loads for it
+    check_job(job)  # again: an image may have changed since the jobs were read
+    settings = check_settings_of("morph", job.options)
     pipe = pipelines.base(settings.model, settings.device, settings.dtype, settings.allow_pickle)
     result = morph_chain(job.images, settings, pipe=pipe, progress=False)
     return {k: str(v) for k, v in result.paths.items()}, _rounded(result.timings)
@@ -359,15 +398,11 @@ def _run_morph(job: Job, pipelines: Pipelines) -> tuple[dict, dict]:
 
 def _run_stylize(job: Job, pipelines: Pipelines) -> tuple[dict, dict, list[str]]:
     from .models import DEFAULT_MODEL
-    from .stylize import check_lora_files, check_settings, stylize
+    from .stylize import stylize
 
+    check_job(job)  # again: a LoRA file may have changed since the jobs were read
     options = dict(job.options)
     lora = options.pop("lora", [])
-    check_lora_files(lora, options.get("allow_pickle", False))  # before a model is loaded for it
-    check_settings(*(options.get(k, d) for k, d in (("strength", 0.5), ("guidance", 7.5), ("controlnet_scale", 0.5),
-                                                     ("steps", 50), ("lora_scale", 1.0), ("seed", 0),
-                                                     ("canny_low", None), ("canny_high", None),
-                                                     ("resolution", None))))
     cn_pipe = pipelines.controlnet(options.get("model", DEFAULT_MODEL), options.pop("controlnet", None),
                                    options.get("device"), options.get("dtype"), options.get("allow_pickle", False))
     result = stylize(job.images, lora, pipe=cn_pipe, progress=False, **options)
@@ -400,6 +435,7 @@ def run_batch(source: str | os.PathLike, defaults: dict | None = None, *, output
     start = time.perf_counter()
     root = Path(output_dir) if output_dir is not None else Path("outputs") / "batch"
     report = Path(report) if report is not None else root / "batch_report.json"
+    check_defaults(defaults or {})
     jobs = read_jobs(source, {**(defaults or {}), **({"overwrite": True} if overwrite else {})}, root)
     with Processes() as procs:
         # 2. this process's share, each job skipped when finished before, or run

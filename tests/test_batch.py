@@ -48,6 +48,16 @@ def test_job_lines_folders_and_defaults(tmp_path, images):
     assert ab.name == "ab" or ab.name == "a-b"
     assert len({job.name for job in jobs}) == 4  # repeated names get -2, -3, ...
 
+    # settings and inputs are checked as the jobs are read, before any model loads
+    checked = read_jobs(write_jobs(tmp_path / "checked.jsonl", [
+        {"images": ["a.png", "gone.png"]},
+        {"images": ["a.png", "b.png"], "pacing": "wobbly"},
+        {"command": "stylize", "images": ["a.png"], "strength": 7},
+        {"images": ["a.png", "b.png"]},
+    ]), {"model": "tiny"})
+    assert [job.error is None for job in checked] == [False, False, False, True]
+    assert "gone.png" in checked[0].error and "--pacing" in checked[1].error and "--strength" in checked[2].error
+
     folder = tmp_path / "pairs"
     (folder / "chain").mkdir(parents=True)
     for name in ("x1.png", "x2.png", "chain/k1.png", "chain/k2.png", "chain/k3.png"):
@@ -57,6 +67,13 @@ def test_job_lines_folders_and_defaults(tmp_path, images):
     make_photo(folder / "x3.png")
     with pytest.raises(InputError, match="odd number"):
         read_jobs(folder)
+
+
+def test_a_bad_command_line_default_is_the_commands_error_not_every_jobs(tmp_path, images):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"images": ["a.png", "b.png"]}, {"images": ["b.png", "a.png"]}])
+    done = run_cli("batch", jobs, "-o", tmp_path / "out", *FAST, "--pacing", "wobbly")
+    assert done.exit_code != 0 and "--pacing" in done.output and "Traceback" not in done.output
+    assert not (tmp_path / "out").exists()  # nothing run, no report
 
 
 def test_a_batch_with_a_corrupt_image_reports_it_and_a_rerun_does_nothing_new(tmp_path, images, monkeypatch):
