@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, InputError, MorphkitError
+from .errors import ConfigError, InputError, MorphkitError, brief
 from .images import IMAGE_SUFFIXES, list_images
 from .io import write_json
 
@@ -378,7 +378,7 @@ def run_job(job: Job, pipelines: Pipelines, rank: int = 0) -> JobRecord:
     except MorphkitError as e:
         record.error = str(e)
     except Exception as e:  # one job's trouble (a bug, out of memory) must not lose the others
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        first = brief(e, 300)
         record.error = f"Unexpected {type(e).__name__}: {first}"
     if loading := pipelines.take_load_seconds():
         record.timings = {"model load": round(loading, 3), **record.timings}

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import NumericalError
+from .errors import NumericalError, brief
 from .io import atomic_write, cache_dir, check_writable, sweep_stale
 from .tiny import TINY_NAME, TINY_VERSION
 
@@ -112,7 +112,7 @@ class TensorCache:
         try:
             check(path)
         except Exception as e:
-            return self.discard(kind, key, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            return self.discard(kind, key, brief(e))
         return path
 
     def discard(self, kind: str, key: str, why: str) -> None:

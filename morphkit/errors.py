@@ -6,6 +6,16 @@ Anything else that escapes is a bug in morphkit.
 """
 
 
+def brief(error: BaseException | str, limit: int = 200) -> str:
+    """The first line of an error (another library's, quoted in one of ours), cut at the last word that fits in
+    `limit` characters, with "…" where it was cut; the error's type name when it says nothing."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
+
+
 class MorphkitError(Exception):
     """Base class: a problem the user can fix, explained in one paragraph."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError, MorphkitError, OutputExistsError
+from .errors import ConfigError, MorphkitError, OutputExistsError, brief
 from .io import (atomic_write, check_can_write, check_room, check_writable, disk_full, free_bytes,
                  make_staging_dir, no_room_error, sweep_stale, write_json)
 
@@ -84,7 +84,7 @@ def write_mp4(frames: list[Image.Image], tmp: Path, fps: float, target: Path) ->
             for frame in frames:
                 writer.append_data(np.asarray(frame))
     except (OSError, RuntimeError, ValueError) as e:  # ffmpeg stopped: a full disk, a size limit, a crash
-        raise incomplete(target, "MP4", f"ffmpeg stopped: {_first_line(e)}") from None
+        raise incomplete(target, "MP4", f"ffmpeg stopped: {brief(e)}") from None
 
 
 def save_frames(frames: list[Image.Image], folder: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -132,10 +132,6 @@ def incomplete(path: Path, what: str, detail: str) -> MorphkitError:
     return MorphkitError(f"The {what} {path} did not come out complete ({detail}); nothing was put in its place. "
                          f"{free_bytes(path) / 2**20:.0f} MB are free there; if a file size limit (ulimit -f) or "
                          "quota applies, raise it, or choose another --output-dir.")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def check_gif(path: Path) -> None:

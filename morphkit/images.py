@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, brief
 from .io import atomic_write, check_can_write, file_kind
 
 MULTIPLE = 8
@@ -123,7 +123,7 @@ def open_frames(path: str | os.PathLike) -> list[Image.Image]:
                     check_sequence_pixels(path, img.width * img.height * count)
                 frames.append(to_rgb(img.copy()))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise InputError(f"{path} could not be read as a GIF or image ({str(e).splitlines()[0][:160]}).") from None
+        raise InputError(f"{path} could not be read as a GIF or image ({brief(e, 160)}).") from None
     return frames
 
 

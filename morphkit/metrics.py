@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, brief
 from .similarity import as_batch as _batch
 from .similarity import gaussian_window, psnr, ssim  # noqa: F401  (part of this module's API)
 
@@ -69,7 +69,7 @@ def _lpips_factory(device=None) -> Distance:
     try:
         model = lpips.LPIPS(net="alex", verbose=False).eval()
     except Exception as e:
-        raise DistanceUnavailable(f"LPIPS could not be loaded ({str(e).splitlines()[0][:120]})") from None
+        raise DistanceUnavailable(f"LPIPS could not be loaded ({brief(e, 120)})") from None
     if device is not None:
         model = model.to(device)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ConfigError, ModelNotFoundError, brief
 from .families import SD15, SDXL, family_of, family_of_folder, family_of_single_file
 from .tiny import TINY_NAME, TINY_UNET_CHANNELS, tiny_model_path
 from .tiny_sdxl import TINY_SDXL_NAME, TINY_SDXL_UNET_CHANNELS, tiny_sdxl_model_path
@@ -302,7 +302,7 @@ def _from_hub(cls, repo_id: str, kwargs: dict, **extra):
         try:
             return cls.from_pretrained(repo_id, **kwargs, **extra)
         except Exception as e:
-            tried.append(f"a download from the Hugging Face hub, which failed ({_one_line(e)[:160]})")
+            tried.append(f"a download from the Hugging Face hub, which failed ({brief(_one_line(e), 160)})")
     raise ModelNotFoundError(
         f"The model {repo_id!r} could not be found. Tried: {'; '.join(tried)}. If you are offline, download it "
         f"once where you have a network (`hf download {repo_id}`), pass a local diffusers folder or a single-file "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError, InputError, MorphkitError, NumericalError, OutputExistsError
+from .errors import ConfigError, InputError, MorphkitError, NumericalError, OutputExistsError, brief
 from .images import check_resolution, list_images, open_image, resize_to_policy, save_image
 from .inversion import check_steps
 from .embeddings import read_embeddings, use_embeddings
@@ -421,7 +421,7 @@ def stylize_images(cn_pipe, specs, lora_scale: float, todo: list[Path], targets:
                 except MorphkitError as e:
                     failed[file] = str(e)
                 except Exception as e:  # one image's trouble (say, out of memory) must not lose the others
-                    first = (str(e).strip().splitlines() or [""])[0][:300]
+                    first = brief(e, 300)
                     failed[file] = f"Unexpected {type(e).__name__}: {first}"
     finally:
         for i in range(len(specs)):

@@ -252,6 +252,7 @@ def test_bad_inputs_are_refused_before_the_model_loads(photo, tmp_path, style_lo
         ([photo, "--canny-high", "300"], "0 to 255"),
         ([photo, "--lora", tmp_path / "nope.safetensors"], "does not exist"),
         ([photo, "--lora", tmp_path / "trunc.safetensors"], "safetensors"),
+        ([photo, "--lora", f"{tmp_path / 'trunc.safetensors'}:abc"], "is not a number"),
         ([photo, "-o", photo.parent], "one of the inputs"),
         ([photo, "--resolution", "30"], "resolution"),
         ([photo, photo.with_suffix(".jpg")], "would both be written"),
