@@ -29,15 +29,18 @@ def fail(message: str, code: int = 1):
 
 
 @contextlib.contextmanager
-def lora_warnings():
-    """Show morphkit's LoRA compatibility warnings as one `Warning:` line each, when they happen."""
+def user_warnings():
+    """Show morphkit's own warnings (LoRA compatibility, settings renamed, ...) as one `Warning:` line each, when
+    they happen, without Python's file and source line; other libraries' as Python shows them."""
+    import morphkit
     from morphkit.lora_files import LoraCompatibilityWarning, printable
 
+    package = str(Path(morphkit.__file__).parent) + os.sep
     with warnings.catch_warnings():
         shown_before = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, LoraCompatibilityWarning):
+            if issubclass(category, LoraCompatibilityWarning) or str(filename).startswith(package):
                 typer.echo(f"Warning: {printable(message)}", err=True)
             else:
                 shown_before(message, category, filename, lineno, file, line)
@@ -48,13 +51,13 @@ def lora_warnings():
 
 
 def call(fn, *args, **kwargs):
-    """Run an API function; turn morphkit's errors and Ctrl-C into a message and an exit code, and its LoRA
-    compatibility warnings into `Warning:` lines."""
+    """Run an API function; turn morphkit's errors and Ctrl-C into a message and an exit code, and its warnings
+    into `Warning:` lines."""
     from morphkit.errors import MorphkitError
     from morphkit.io import NO_ROOM, disk_full
 
     try:
-        with lora_warnings():
+        with user_warnings():
             return fn(*args, **kwargs)
     except MorphkitError as e:
         fail(str(e), e.exit_code)
@@ -71,12 +74,14 @@ def call(fn, *args, **kwargs):
 
 
 def unexpected(e: Exception):
+    from morphkit.errors import brief
+
     if "out of memory" in str(e).lower():
         fail("The GPU ran out of memory. Try a smaller --resolution or --batch-size, --gradient-checkpointing, "
              "or --mixed-precision fp16/bf16.", 1)
     if os.environ.get("MORPHKIT_DEBUG"):
         raise e
-    first = (str(e).strip().splitlines() or [""])[0][:300]
+    first = brief(e, 300)
     fail(f"Unexpected {type(e).__name__}: {first}. This is probably a bug in morphkit; run again with "
          "MORPHKIT_DEBUG=1 for the full traceback and report it.", 1)
 

@@ -459,7 +459,7 @@ def invert(
     import time
 
     from .images import open_image, resize_to_policy, to_pil
-    from .lora import adapter_weights
+    from .lora import adapter_weights, remove_adapters
     from .models import DEFAULT_MODEL, decode_latents, encode_image, load_pipeline, stage_precision
 
     # 1. every input checked before the model loads
@@ -491,7 +491,7 @@ def invert(
             regenerated = sample_ddim(model_fn, noise, schedule, disable=not progress, desc="regenerating")
     finally:
         if lora is not None:
-            pipe.unet.delete_adapters("inverted")
+            remove_adapters(pipe.unet, ["inverted"])
 
     # 4. measure the round trip, write the files
     decoded, round_trip = decode_latents(pipe, regenerated), decode_latents(pipe, z0)
@@ -527,11 +527,10 @@ def _conditioning(pipe, prompt: str, negative_prompt: str | None, size: tuple[in
 def _attach_lora(pipe, lora, allow_pickle: bool) -> None:
     """The LoRA to invert under, as adapter "inverted" (replacing one a reused pipeline holds); a LoRA made for
     another model family is refused."""
-    from .lora import load_lora
+    from .lora import load_lora, remove_adapters
 
     unet = pipe.unet
-    if "inverted" in getattr(unet, "peft_config", {}):
-        unet.delete_adapters("inverted")
+    remove_adapters(unet, ["inverted"])
     if lora is not None:
         load_lora(unet, lora, "inverted", allow_pickle=allow_pickle)
 

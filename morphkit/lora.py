@@ -267,6 +267,16 @@ def check_targets(unet, targets) -> None:
                         "projections are to_q, to_k, to_v and to_out.0; feed-forward layers ff.net.0.proj and ff.net.2.")
 
 
+def remove_adapters(unet, names) -> None:
+    """Delete each named adapter the UNet holds (others and missing names are left alone), quietly: PEFT warns
+    when an active adapter goes ("... was active which is now deleted"), which is what removing it means here."""
+    held = [n for n in names if n in getattr(unet, "peft_config", {})]
+    if held:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted", category=UserWarning)
+            unet.delete_adapters(held)
+
+
 @contextlib.contextmanager
 def adapter_weights(unet, weights: dict[str, float | torch.Tensor]):
     """Activate the named adapters, each at a weight: a float, or one weight per sample of the batch.
@@ -472,8 +482,7 @@ def load_loras(pipe, loras, prefix: str = "lora", allow_pickle: bool = False, pl
     for i, item in enumerate(loras):
         path, weight = item if isinstance(item, tuple) else parse_lora_spec(item)
         name = f"{prefix}{i}"
-        if name in getattr(pipe.unet, "peft_config", {}):
-            pipe.unet.delete_adapters(name)
+        remove_adapters(pipe.unet, [name])
         load_lora(pipe.unet, path, name, allow_pickle=allow_pickle, plain_only=plain_only)
         if name in getattr(pipe.unet, "peft_config", {}):
             weights[name] = check_weight(weight, shown(getattr(path, "path", path)))

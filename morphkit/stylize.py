@@ -25,7 +25,7 @@ from .errors import ConfigError, InputError, MorphkitError, NumericalError, Outp
 from .images import check_resolution, list_images, open_image, resize_to_policy, save_image
 from .inversion import check_steps
 from .embeddings import read_embeddings, use_embeddings
-from .lora import adapter_weights, load_loras, merged_updates, parse_lora_spec
+from .lora import adapter_weights, load_loras, merged_updates, parse_lora_spec, remove_adapters
 from .lora_files import LoraFile, check_weight, read_lora_file
 from .families import family_of
 from .models import DEFAULT_MODEL, controlnet_for, encode_image, load_pipeline, resolve_device
@@ -424,9 +424,7 @@ def stylize_images(cn_pipe, specs, lora_scale: float, todo: list[Path], targets:
                     first = brief(e, 300)
                     failed[file] = f"Unexpected {type(e).__name__}: {first}"
     finally:
-        for i in range(len(specs)):
-            if f"{ADAPTER_PREFIX}{i}" in getattr(unet, "peft_config", {}):
-                unet.delete_adapters(f"{ADAPTER_PREFIX}{i}")
+        remove_adapters(unet, [f"{ADAPTER_PREFIX}{i}" for i in range(len(specs))])
     return stylized
 
 

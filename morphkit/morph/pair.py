@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..images import cover_resize, open_image, resize_to_policy
 from ..inversion import DDIMSchedule, ddim_schedule
 from ..io import check_regular_file, sha256_file
-from ..lora import adapter_metadata, load_lora, lora_state_dict, save_lora
+from ..lora import adapter_metadata, load_lora, lora_state_dict, remove_adapters, save_lora
 from ..lora_files import read_lora_file
 from ..families import PromptEmbeds, family_of
 from ..models import (PICKLE_SUFFIXES, encode_conditioning, encode_image, load_pipeline, module_precision,
@@ -189,9 +189,8 @@ def prepare_keyframes(images, settings: MorphSettings | None = None, *, pipe=Non
     if pipe is None:
         pipe = load_pipeline(settings.model, device=settings.device, dtype=settings.dtype,
                              allow_pickle=settings.allow_pickle, vae=settings.vae)
-    for name in list(getattr(pipe.unet, "peft_config", {})):
-        if KEYFRAME_ADAPTER.fullmatch(name):  # an earlier preparation's
-            pipe.unet.delete_adapters(name)
+    # an earlier preparation's adapters
+    remove_adapters(pipe.unet, [n for n in getattr(pipe.unet, "peft_config", {}) if KEYFRAME_ADAPTER.fullmatch(n)])
     sized = frame_images(originals, settings.resolution or 8 * pipe.unet.config.sample_size)
     keys = [image_key(img) for img in sized]
     prompts = settings.keyframe_prompts(len(sized))

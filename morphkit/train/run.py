@@ -26,7 +26,7 @@ from ..errors import ConfigError, InputError, OutputExistsError
 from ..families import family_of
 from ..images import fit_size
 from ..io import check_room, check_writable, sweep_stale, write_json
-from ..lora import check_targets, save_lora
+from ..lora import check_targets, remove_adapters, save_lora
 from ..lora_files import DIFFUSERS_FORMAT_WARNING, LoraCompatibilityWarning, tag_frequency
 from ..models import load_pipeline, resolve_device
 from ..processes import Processes
@@ -279,6 +279,5 @@ def settle(s: TrainSettings, pipe, examples) -> TrainSettings:
             if min(final) < resolution:
                 raise InputError(f"{ex.path} is too small for a {resolution}px random crop.")
     check_targets(pipe.unet, s.targets)
-    if "default" in getattr(pipe.unet, "peft_config", {}):  # a reused pipeline: this run's adapter replaces it
-        pipe.unet.delete_adapters("default")
+    remove_adapters(pipe.unet, ["default"])  # a reused pipeline: this run's adapter replaces it
     return s

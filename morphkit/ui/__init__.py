@@ -48,8 +48,12 @@ def launch(model: str | None = None, *, host: str = DEFAULT_HOST, port: int = DE
                           allow_pickle=allow_pickle)
     demo = build_app(workspace)
     demo.queue(default_concurrency_limit=1, max_size=32)
+    # Gradio's own lines would suggest share=True, which this page never uses: morphkit says where it is instead
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=f"{int(max_upload_mb)}mb",
-                show_error=False, footer_links=[], prevent_thread_lock=not block, quiet=False, css=CSS)
+                show_error=False, footer_links=[], prevent_thread_lock=True, quiet=True, css=CSS)
+    print(f"morphkit's page is on {demo.local_url} (no public link); press Ctrl+C to stop.", flush=True)
+    if block:
+        demo.block_thread()
     return demo
 
 
