@@ -83,14 +83,17 @@ def batch(
 
 def summary(result) -> list[str]:
     """The table of jobs, then the counts and where the report is."""
+    from morphkit.errors import brief
+
     rows = [(r.name, r.command, r.status, str(r.rank), f"{r.seconds:.1f} s",
-             (r.error or "").splitlines()[0][:120] if r.status == "failed" else common_folder(r.outputs))
+             brief(r.error or "", 120) if r.status == "failed" else common_folder(r.outputs))
             for r in result.records]
     header = ("job", "command", "status", "rank", "time", "outputs / error")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in [header, *rows]]
     counts = ", ".join(f"{result.count(s)} {s}" for s in ("done", "skipped", "failed"))
-    lines.append(f"{len(result.records)} jobs in {result.seconds:.1f} s over {result.processes} "
+    jobs = len(result.records)
+    lines.append(f"{jobs} job{'s' if jobs != 1 else ''} in {result.seconds:.1f} s over {result.processes} "
                  f"process{'es' if result.processes > 1 else ''}: {counts}. Report: {result.report}")
     return lines
 

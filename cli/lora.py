@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import MODEL_HELP, call, fail, lora_warnings
+from cli.common import MODEL_HELP, call, fail, user_warnings
 
 app = typer.Typer(name="lora", no_args_is_help=True, rich_markup_mode=None,
                   help="Inspect, convert, mix and fuse LoRA files (kohya, diffusers, LyCORIS, DoRA, ComfyUI).")
@@ -56,7 +56,7 @@ def convert(
             pipe = load_pipeline(model, device="cpu", dtype="fp32", allow_pickle=allow_pickle)
         return convert_lora_report(src, dst, to, overwrite=overwrite, allow_pickle=allow_pickle, rank=rank, model=pipe)
 
-    with lora_warnings():
+    with user_warnings():
         result = call(run)
     typer.echo(f"Wrote {printable(result.path)} ({to} format).")
     if not result.exact:
@@ -78,13 +78,13 @@ def mix(
     """One LoRA whose effect is the weighted sum of the inputs' effects."""
     from morphkit.lora_files import mix_loras
 
-    with lora_warnings():
+    with user_warnings():
         result = call(mix_loras, loras, out, rank=rank, format=to, overwrite=overwrite, allow_pickle=allow_pickle)
     from morphkit.lora_files import printable
 
     ranks = sorted({m.rank for m in result.lora.modules.values()})
     span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]} to {ranks[-1]}"
-    typer.echo(f"Mixed {len(loras)} LoRAs into {len(result.lora.modules)} modules of rank {span}: {printable(out)}")
+    typer.echo(f"Mixed {len(loras)} LoRA{'s' if len(loras) != 1 else ''} into {len(result.lora.modules)} modules of rank {span}: {printable(out)}")
     if rank is not None:
         worst = f"; worst module {printable(result.worst_module[0])} lost {result.worst_module[1]:.2%}" if result.worst_module else ""
         typer.echo(f"SVD to rank {rank} kept {1 - result.lost_energy:.2%} of the update's energy{worst}.")
@@ -99,8 +99,8 @@ def fuse(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ):
-    """Bake LoRAs (any kind morphkit reads, DoRA by its exact rescale) into a model and write a single-file SD 1.x
-    checkpoint (A1111/ComfyUI layout)."""
+    """Bake LoRAs (any kind morphkit reads, DoRA by its exact rescale) into a model and write a single-file SD 1.x or
+    SDXL checkpoint (A1111/ComfyUI layout)."""
     import morphkit
     from morphkit.lora import fuse_lora
     from morphkit.lora_files import printable

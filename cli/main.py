@@ -38,7 +38,7 @@ def version_callback(value: bool):
 def main_options(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version and exit."),
 ):
-    """Edit and morph single images with Stable Diffusion 1.5 and LoRA.
+    """Edit and morph single images with Stable Diffusion (1.5 and SDXL) and LoRA.
 
     Try it offline on the built-in tiny model:
     morphkit morph dataset/photos/astronaut.jpg dataset/photos/chelsea.jpg --model tiny
@@ -106,7 +106,7 @@ def invert(
 @app.command(name="eval")
 def eval_(
     frames: Path = typer.Argument(..., help=(
-        "The morph: a folder of frames (sorted by name) or a GIF (a --back-and-forth GIF is cut to its A-to-B "
+        "The morph: a folder of frames (in natural order: frame_2 before frame_10) or a GIF (a --back-and-forth GIF is cut to its A-to-B "
         "half)."
     )),
     image_a: Optional[Path] = typer.Option(None, "--a", help=(

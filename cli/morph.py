@@ -61,9 +61,9 @@ HELP = {  # the longer help texts, apart, so that the command's signature reads 
         "((1-α)B_A + αB_B)((1-α)A_A + αA_B); needs LoRAs of the same rank."
     ),
     "compile_unet": (
-        "Render through torch.compile. The first run waits for the compiler (a minute or more on a cold cache; "
+        "Render through torch.compile. The first run waits for the compiler (90 s for the tiny morph on a cold cache; "
         "torch keeps compiled graphs on disk for later runs), then rendering is faster (the tiny morph's render: "
-        "4.8 s against 6.7 s eager on one CPU thread). Worth it for long renders and repeated runs; measured figures "
+        "4.4 s against 5.4 s eager on one CPU thread). Worth it for long renders and repeated runs; measured figures "
         "in benchmarks/README.md."
     ),
     "tuning_free": (
@@ -106,7 +106,7 @@ def morph(
     formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: gif, mp4, png (frame folder). [default: gif,mp4,png]"),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frames per second of the GIF and MP4. [default: 10]"),
     frame_duration: Optional[int] = typer.Option(None, "--frame-duration", help="Milliseconds per frame (instead of --fps)."),
-    gif_loops: Optional[int] = typer.Option(None, "--gif-loops", help="How often the GIF plays; 0 repeats forever. (Before 0.2 this was --loop.) [default: 0]"),
+    gif_loops: Optional[int] = typer.Option(None, "--gif-loops", help="How often the GIF plays; 0 repeats forever. (Earlier versions called this --loop, which now closes a chain.) [default: 0]"),
     back_and_forth: Optional[bool] = typer.Option(None, "--back-and-forth/--one-way", help="Play A to B and back in the GIF and MP4. [default: one way]"),
     cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Reuse fitted LoRAs and inversions from earlier runs (keyed by image content and settings). [default: on]"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the cache lives. [default: $MORPHKIT_CACHE/morph or ~/.cache/morphkit/morph]"),

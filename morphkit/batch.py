@@ -158,6 +158,10 @@ def file_jobs(path: Path) -> list[Job]:
             if not isinstance(values, dict):
                 raise ValueError("a job is a JSON object, {...}")
             jobs.append(job_from_dict(values, number))
+        except json.JSONDecodeError as e:
+            jobs.append(Job(f"line-{number}", "morph", [], line=number,
+                            error=f"Line {number} of {path.name} is not valid JSON ({e.msg}, at column {e.colno}). "
+                                  'Each line is one job, a JSON object such as {"images": ["a.jpg", "b.jpg"]}.'))
         except (ValueError, MorphkitError) as e:
             jobs.append(Job(f"line-{number}", "morph", [], line=number,
                             error=f"Line {number} of {path.name} is not a job: {e}"))

@@ -45,7 +45,7 @@ class LoraCompatibilityWarning(UserWarning):
 
 DIFFUSERS_FORMAT_WARNING = (
     "A diffusers-format LoRA loads in diffusers and morphkit only: ComfyUI applies its non-attention layers alone and "
-    "ignores its alpha, and A1111 does not apply it at all. Write --format kohya (the default) for those tools.")
+    "ignores its alpha, and A1111 does not apply it at all. Write kohya format for those tools (the default: --format kohya in train, --to kohya in lora convert and lora mix).")
 
 
 # ---------------------------------------------------------------------------------------------- checks

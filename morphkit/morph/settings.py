@@ -11,7 +11,7 @@ The fields fall into three groups, marked on each field, that decide what a chan
 `MorphSettings.resolve(config, **overrides)` reads a JSON or TOML file with the same keys (the CLI's option
 names with `_`) and applies overrides on top, as `TrainSettings` does. Messages name the CLI options.
 
-`loop` closes a chain of keyframes back to its first image (`--loop`); until 0.2 it was the GIF's loop count,
+`loop` closes a chain of keyframes back to its first image (`--loop`); in earlier versions it was the GIF's loop count,
 which is `gif_loops` (`--gif-loops`) now. A whole number given as `loop` (not true or false) is still read as
 `gif_loops`, with a `FutureWarning`.
 """
@@ -117,7 +117,7 @@ class MorphSettings:
     overwrite: bool = export(False)
 
     def __post_init__(self):
-        if isinstance(self.loop, int) and not isinstance(self.loop, bool):  # before 0.2: the GIF's loop count
+        if isinstance(self.loop, int) and not isinstance(self.loop, bool):  # earlier versions: the GIF's loop count
             warnings.warn("The setting loop (--loop) closes a chain of keyframes now; the GIF's loop count is "
                           f"gif_loops (--gif-loops). Reading loop = {self.loop} as gif_loops = {self.loop}.",
                           FutureWarning, stacklevel=3)
