@@ -125,3 +125,10 @@ def test_chain_settings_and_bad_inputs(keyframes, tmp_path):
         result = run_cli("morph", *argv)
         assert result.exit_code == 2 and words in result.output, (argv, result.output)
     assert not (tmp_path / "x").exists()
+
+    # the old meaning of loop, from a config file: one "Warning:" line in the user's words, no Python source lines
+    old_config = tmp_path / "old.toml"
+    old_config.write_text("loop = 3\n")
+    result = run_cli("morph", keyframes[0], tmp_path / "missing.png", "--config", old_config, *common)
+    assert result.exit_code == 2 and "Warning: The setting loop (--loop)" in result.output, result.output
+    assert "FutureWarning" not in result.output and "settings.py" not in result.output
