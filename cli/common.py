@@ -35,12 +35,12 @@ def user_warnings():
     import morphkit
     from morphkit.lora_files import LoraCompatibilityWarning, printable
 
-    package = str(Path(morphkit.__file__).parent) + os.sep
+    ours = tuple(str(folder) + os.sep for folder in (Path(morphkit.__file__).parent, Path(__file__).parent))
     with warnings.catch_warnings():
         shown_before = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, LoraCompatibilityWarning) or str(filename).startswith(package):
+            if issubclass(category, LoraCompatibilityWarning) or str(filename).startswith(ours):
                 typer.echo(f"Warning: {printable(message)}", err=True)
             else:
                 shown_before(message, category, filename, lineno, file, line)

@@ -118,17 +118,19 @@ def check_defaults(defaults: dict) -> None:
             check_settings_of(command, given)
 
 
-def check_job(job: Job) -> None:
-    """Everything of a job that can be checked before its model loads: its settings, its images, its LoRA files."""
+def check_job(job: Job):
+    """Everything of a job that can be checked before its model loads: its settings, its images, its LoRA files.
+    Returns a morph's `MorphSettings` (None for a stylization)."""
+    settings = check_settings_of(job.command, job.options)
     if job.command == "morph":
         from .morph.pair import check_keyframes
 
-        check_keyframes(job.images, check_settings_of("morph", job.options))
+        check_keyframes(job.images, settings)
     else:
         from .stylize import check_lora_files
 
-        check_settings_of("stylize", job.options)
         check_lora_files(job.options.get("lora", []), job.options.get("allow_pickle", False))
+    return settings
 
 
 STYLIZE_CHECKED = (("strength", 0.5), ("guidance", 7.5), ("controlnet_scale", 0.5), ("steps", 50), ("lora_scale", 1.0),
@@ -393,8 +395,7 @@ def run_job(job: Job, pipelines: Pipelines, rank: int = 0) -> JobRecord:
 def _run_morph(job: Job, pipelines: Pipelines) -> tuple[dict, dict]:
     from .morph import morph_chain
 
-    check_job(job)  # again: an image may have changed since the jobs were read
-    settings = check_settings_of("morph", job.options)
+    settings = check_job(job)  # again: an image may have changed since the jobs were read
     pipe = pipelines.base(settings.model, settings.device, settings.dtype, settings.allow_pickle)
     result = morph_chain(job.images, settings, pipe=pipe, progress=False)
     return {k: str(v) for k, v in result.paths.items()}, _rounded(result.timings)

@@ -8,9 +8,9 @@ Anything else that escapes is a bug in morphkit.
 
 def brief(error: BaseException | str, limit: int = 200) -> str:
     """The first line of an error (another library's, quoted in one of ours), cut at the last word that fits in
-    `limit` characters, with "…" where it was cut; the error's type name when it says nothing."""
+    `limit` characters, with "…" where it was cut; an error that says nothing gives its type's name."""
     lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
+    text = lines[0] if lines else "" if isinstance(error, str) else type(error).__name__
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"

@@ -1,5 +1,6 @@
 import functools
 import math
+import warnings
 
 import imageio.v2 as imageio
 
@@ -576,6 +577,12 @@ def test_a_reused_pipeline_keeps_no_adapter_state(pair, tiny_pipe, tmp_path):
     assert "img0" in tiny_pipe.unet.peft_config
     again = morphkit.invert(pair[0], steps=5, pipe=tiny_pipe, save=False, progress=False).noise
     assert torch.equal(plain, again)
+    # a second morph replaces the first one's adapters, without PEFT's "was active which is now deleted"
+    tiny_pipe.unet.set_adapters(["img0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        morphkit.morph(*pair, pipe=tiny_pipe, formats=(), cache_dir=tmp_path, **FAST)
+    assert sorted(tiny_pipe.unet.peft_config) == ["img0", "img1"]
 
 
 @pytest.mark.parametrize("blend", ["adapters", "factors"])
