@@ -30,8 +30,9 @@ def fail(message: str, code: int = 1):
 
 @contextlib.contextmanager
 def user_warnings():
-    """Show morphkit's own warnings (LoRA compatibility, settings renamed, ...) as one `Warning:` line each, when
-    they happen, without Python's file and source line; other libraries' as Python shows them."""
+    """Show morphkit's warnings (LoRA compatibility, settings renamed, ...) as one `Warning:` line each, when they
+    happen, without Python's file and source line: every warning that points at morphkit's or the CLI's code
+    (a library's deprecation of a call morphkit makes among them); others as Python shows them."""
     import morphkit
     from morphkit.lora_files import LoraCompatibilityWarning, printable
 

@@ -105,17 +105,9 @@ def read_jobs(source: str | os.PathLike, defaults: dict | None = None, output_ro
                 check_job(job)
             except MorphkitError as e:
                 job.error = str(e)
+            except Exception as e:  # a check that did not expect this value: the job fails, the batch goes on
+                job.error = f"Unexpected {type(e).__name__}: {brief(e, 300)}"
     return jobs
-
-
-def check_defaults(defaults: dict) -> None:
-    """Check the command line's defaults alone, once, before any job: a bad value there is the command's error
-    (one message, nothing run), not every job's."""
-    for command in COMMANDS:
-        known = command_options(command)
-        given = {k: v for k, v in defaults.items() if k in known and v is not None}
-        if given:
-            check_settings_of(command, given)
 
 
 def check_job(job: Job):
@@ -440,7 +432,6 @@ def run_batch(source: str | os.PathLike, defaults: dict | None = None, *, output
     start = time.perf_counter()
     root = Path(output_dir) if output_dir is not None else Path("outputs") / "batch"
     report = Path(report) if report is not None else root / "batch_report.json"
-    check_defaults(defaults or {})
     jobs = read_jobs(source, {**(defaults or {}), **({"overwrite": True} if overwrite else {})}, root)
     with Processes() as procs:
         # 2. this process's share, each job skipped when finished before, or run

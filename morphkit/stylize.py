@@ -238,22 +238,26 @@ def output_paths(files: list[Path], out: Path) -> dict[Path, dict[str, Path]]:
     return paths
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_settings(strength, guidance, controlnet_scale, steps, lora_scale, seed, canny_low, canny_high,
                    resolution) -> None:
     check_steps(steps)
-    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+    if not (_is_number(strength) and 0 < strength <= 1):
         raise ConfigError(f"--strength must be above 0 and at most 1 (1 redraws from pure noise); got {strength!r}.")
     if int(steps * strength) < 1:
         raise ConfigError(f"strength {strength} of {steps} steps leaves no denoising step (img2img runs "
                           f"int(steps x strength) of them). Raise --strength or --steps.")
-    if guidance is not None and not (math.isfinite(guidance) and 0 < guidance <= 100):
+    if guidance is not None and not (_is_number(guidance) and math.isfinite(guidance) and 0 < guidance <= 100):
         raise ConfigError(f"--guidance must be above 0 and at most 100 (7.5 is usual; 1 turns classifier-free "
-                          f"guidance off); got {guidance}.")
-    if not (math.isfinite(controlnet_scale) and 0 <= controlnet_scale <= 100):
+                          f"guidance off); got {guidance!r}.")
+    if not (_is_number(controlnet_scale) and math.isfinite(controlnet_scale) and 0 <= controlnet_scale <= 100):
         raise ConfigError(f"--controlnet-scale must be from 0 to 100 (0 ignores the edges; 0.5 is usual); got "
-                          f"{controlnet_scale}.")
-    if not (math.isfinite(lora_scale) and abs(lora_scale) <= 100):
-        raise ConfigError(f"--lora-scale must be a finite number within ±100 (usually 0 to 1); got {lora_scale}.")
+                          f"{controlnet_scale!r}.")
+    if not (_is_number(lora_scale) and math.isfinite(lora_scale) and abs(lora_scale) <= 100):
+        raise ConfigError(f"--lora-scale must be a finite number within ±100 (usually 0 to 1); got {lora_scale!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ConfigError(f"--seed must be an integer from 0 to 2^63 - 1; got {seed!r}.")
     for value, name in ((canny_low, "--canny-low"), (canny_high, "--canny-high")):

@@ -69,11 +69,28 @@ def test_job_lines_folders_and_defaults(tmp_path, images):
         read_jobs(folder)
 
 
-def test_a_bad_command_line_default_is_the_commands_error_not_every_jobs(tmp_path, images):
+def test_bad_settings_fail_their_jobs_as_they_are_read_and_the_others_run(tmp_path, images, monkeypatch):
+    from morphkit import train
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a job with a bad setting got as far as fitting")
+
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{"images": ["a.png", "b.png"]}, {"images": ["b.png", "a.png"]}])
-    done = run_cli("batch", jobs, "-o", tmp_path / "out", *FAST, "--pacing", "wobbly")
-    assert done.exit_code != 0 and "--pacing" in done.output and "Traceback" not in done.output
-    assert not (tmp_path / "out").exists()  # nothing run, no report
+    monkeypatch.setattr(train, "fit_loras", no_fit)
+    done = run_cli("batch", jobs, "-o", tmp_path / "out", *FAST, "--pacing", "wobbly")  # a bad default: every job
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    report = json.loads((tmp_path / "out" / "batch_report.json").read_text())
+    assert report["failed"] == 2 and all("--pacing" in job["error"] for job in report["jobs"])
+    monkeypatch.undo()
+
+    # a value of the wrong type fails its own job, in the user's words; the good job beside it runs
+    jobs = write_jobs(tmp_path / "mixed.jsonl", [{"images": ["a.png", "b.png"], "name": "good"},
+                                                 {"command": "stylize", "images": ["a.png"], "guidance": "7"}])
+    done = run_cli("batch", jobs, "-o", tmp_path / "mixed", *FAST)
+    assert done.exit_code == 1 and "Traceback" not in done.output
+    report = {job["name"]: job for job in json.loads((tmp_path / "mixed" / "batch_report.json").read_text())["jobs"]}
+    assert report["good"]["status"] == "done", report
+    assert [j["error"] for n, j in report.items() if n != "good"][0].startswith("--guidance must be")
 
 
 def test_a_batch_with_a_corrupt_image_reports_it_and_a_rerun_does_nothing_new(tmp_path, images, monkeypatch):

@@ -274,6 +274,8 @@ class MorphSettings:
     def _check_export(self):
         _need(self.output_dir is None or isinstance(self.output_dir, str),
               f"--output-dir must be a folder path; got {self.output_dir!r}.")
+        _need(isinstance(self.formats, (list, tuple)), "--formats must be a list of gif, mp4 and png (in a config "
+              f"file: formats = [\"gif\", \"png\"]); got {self.formats!r}.")
         if bad := [f for f in self.formats if f not in FORMATS]:
             raise ConfigError(f"Unknown output format {', '.join(map(str, bad))} in --formats; choose from "
                               f"{', '.join(FORMATS)}.")

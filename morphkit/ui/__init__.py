@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 from ..errors import ConfigError, MorphkitError
 
@@ -52,7 +53,7 @@ def launch(model: str | None = None, *, host: str = DEFAULT_HOST, port: int = DE
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=f"{int(max_upload_mb)}mb",
                 show_error=False, footer_links=[], prevent_thread_lock=True, quiet=True, css=CSS)
     print(f"morphkit's page is on {demo.local_url} (no public link); press Ctrl+C to stop.", flush=True)
-    if block:
+    if block and not (hasattr(sys, "ps1") or sys.flags.interactive):  # as Gradio does: a Python prompt stays usable
         demo.block_thread()
     return demo
 
