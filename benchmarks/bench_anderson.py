@@ -24,22 +24,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench_summary import PROMPTS, pair_images  # noqa: E402
 from machine import describe, machine_line  # noqa: E402
-
-PROMPTS = ("a photo of an astronaut", "a photo of a cat")
 
 
 def main():
     from morphkit.families import PromptEmbeds
-    from morphkit.images import cover_resize, load_image
     from morphkit.inversion import Inversion, counted, ddim_schedule, eps_model, invert_latents, sample_ddim
     from morphkit.models import encode_conditioning, encode_image, load_pipeline
 
     torch.set_num_threads(1)
     pipe = load_pipeline("tiny", device="cpu")
-    photos = HERE.parent / "dataset" / "photos"
-    first = load_image(photos / "astronaut.jpg", 64)
-    images = [first, cover_resize(load_image(photos / "chelsea.jpg"), first.size)]
+    images = pair_images(64)
     latents = torch.cat([encode_image(pipe, img) for img in images])
     embeds = PromptEmbeds.cat([encode_conditioning(pipe, p, (64, 64)) for p in PROMPTS])
     model = eps_model(pipe.unet, embeds)

@@ -76,17 +76,16 @@ def rendered_end_latent(prepared, side: int) -> torch.Tensor:
 
 
 def main():
-    from bench_summary import quality
+    from bench_summary import pair_images, quality
 
-    from morphkit.images import cover_resize, load_image, to_tensor
+    from morphkit.images import to_tensor
     from morphkit.models import load_pipeline
     from morphkit.similarity import psnr
 
     torch.set_num_threads(1)
     pipe = load_pipeline("tiny", device="cpu")
     calls = calls_counted(pipe.unet)
-    images = [load_image(PHOTOS / "astronaut.jpg", 64)]
-    images.append(cover_resize(load_image(PHOTOS / "chelsea.jpg"), images[0].size))
+    images = pair_images(64)
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()

@@ -29,14 +29,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from bench_summary import PHOTOS, SD15_CPU, TINY, run_morphkit  # noqa: E402
+from bench_summary import SD15_CPU, TINY, pair_images, run_morphkit  # noqa: E402
 from machine import describe, machine_line  # noqa: E402
 
 
 def main():
     from bench_morph import build_sd15
 
-    from morphkit.images import cover_resize, load_image
     from morphkit.models import cpu_has_native_bf16, load_pipeline
 
     if not cpu_has_native_bf16():
@@ -46,8 +45,7 @@ def main():
     torch.set_num_threads(1)
     report = {"command": "python benchmarks/bench_cpu_bf16.py", **describe(threads=1)}
     for size, settings, resolution in (("tiny", TINY, 64), ("sd15_128", SD15_CPU, 128)):
-        images = [load_image(PHOTOS / "astronaut.jpg", resolution)]
-        images.append(cover_resize(load_image(PHOTOS / "chelsea.jpg"), images[0].size))
+        images = pair_images(resolution)
         rows = {}
         for dtype in (torch.float32, torch.bfloat16):
             pipe = (load_pipeline("tiny", device="cpu", dtype=dtype) if size == "tiny"

@@ -37,7 +37,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
-from bench_summary import PHOTOS, SD15_CPU, TINY, run_morphkit, run_reference  # noqa: E402
+from bench_summary import SD15_CPU, TINY, pair_images, run_morphkit, run_reference  # noqa: E402
 from machine import describe, machine_line  # noqa: E402
 
 REFERENCE_WORK = dict(inversion="ddim", pacing="linear", attn_lambda=0.0, adain=False)
@@ -49,13 +49,6 @@ ROWS = [  # (name, changes to morphkit's defaults)
     ("the reference's work: plain DDIM inversion, linear pacing, no attention interpolation, no AdaIN", REFERENCE_WORK),
 ]
 RESULTS = HERE / "results"
-
-
-def pair_images(size: int):
-    from morphkit.images import cover_resize, load_image
-
-    first = load_image(PHOTOS / "astronaut.jpg", size)
-    return [first, cover_resize(load_image(PHOTOS / "chelsea.jpg"), first.size)]
 
 
 def measure(report: dict, key: str, pipe, settings: dict, images) -> None:

@@ -35,8 +35,7 @@ GRID = [(steps, lr) for steps in (50, 100, 200) for lr in (2e-4, 5e-4, 1e-3)]
 
 def main():
     import morphkit
-    from bench_summary import PHOTOS, PROMPTS, quality
-    from morphkit.images import cover_resize, load_image
+    from bench_summary import PHOTOS, PROMPTS, pair_images, quality
     from morphkit.models import load_pipeline
 
     parser = argparse.ArgumentParser()
@@ -47,8 +46,7 @@ def main():
     if args.device == "cpu":
         torch.set_num_threads(1)
     pipe = load_pipeline(args.model, device=args.device)
-    images = [load_image(PHOTOS / "astronaut.jpg", args.resolution)]
-    images.append(cover_resize(load_image(PHOTOS / "chelsea.jpg"), images[0].size))
+    images = pair_images(args.resolution)
     rows = []
     for steps, lr in GRID:
         for name in ("img0", "img1"):

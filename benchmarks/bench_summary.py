@@ -43,6 +43,14 @@ TINY = dict(frames=16, steps=50, lora_steps=200, resolution=64)
 SD15_CPU = dict(frames=4, steps=4, lora_steps=4, resolution=128)
 
 
+def pair_images(size: int) -> list:
+    """The benchmarks' pair: the astronaut sized to `size` by morphkit's policy, the cat covering its frame."""
+    from morphkit.images import cover_resize, load_image
+
+    first = load_image(PHOTOS / "astronaut.jpg", size)
+    return [first, cover_resize(load_image(PHOTOS / "chelsea.jpg"), first.size)]
+
+
 def quality(frames, pipe, images) -> dict:
     """End fidelity (PSNR of the end frames against the inputs' VAE round trip), PPL and PDV by l2 distance."""
     from morphkit.images import to_tensor
@@ -125,22 +133,17 @@ def main():
 
     from bench_morph import build_sd15
 
-    from morphkit.images import cover_resize, load_image
     from morphkit.models import load_pipeline
     from morphkit.tiny import tiny_model_path
 
     torch.set_num_threads(1)
     report = {"command": "python benchmarks/bench_summary.py", **describe(threads=1)}
     tiny = load_pipeline("tiny", device="cpu")
-    images = [load_image(PHOTOS / "astronaut.jpg", 64)]
-    images.append(cover_resize(load_image(PHOTOS / "chelsea.jpg"), images[0].size))
-    report["tiny_defaults"] = in_process(tiny, TINY, images)
+    report["tiny_defaults"] = in_process(tiny, TINY, pair_images(64))
     with tempfile.TemporaryDirectory() as tmp:
         report["tiny_cli"] = whole_processes(Path(tmp), tiny_model_path())
     sd15 = build_sd15(torch.device("cpu"), torch.float32)
-    images = [load_image(PHOTOS / "astronaut.jpg", 128)]
-    images.append(cover_resize(load_image(PHOTOS / "chelsea.jpg"), images[0].size))
-    report["sd15_128_defaults"] = in_process(sd15, SD15_CPU, images)
+    report["sd15_128_defaults"] = in_process(sd15, SD15_CPU, pair_images(128))
     report["settings"] = {"tiny": TINY, "sd15_128": SD15_CPU}
     summary_path = HERE / "results" / "summary.json"
     earlier = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
